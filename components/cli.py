@@ -1,0 +1,80 @@
+"""`still`: the command line.
+
+    still validate [--set key=value ...]   check params.yaml (+ overrides), list every problem
+    still repro [--set key=value ...]      plain DVC: `dvc repro`, or `dvc exp run -S ...`
+    still run [--set key=value ...] [--name N] [--pull] [--push]
+                                           the Prefect pipeline flow (a task per DVC stage)
+    still sweep --grid key=v1,v2 [--grid ...] [--max-parallel 2]
+                                           the Prefect sweep flow (DVC experiments)
+    still serve [--repo .]                 serve the nightly + sweep deployments locally
+
+The pipeline order lives only in dvc.yaml: this CLI runs DVC (directly or through the Prefect
+flows), never the stage functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+
+from components.config import DEFAULT_PARAMS, ParamsError, load_params, parse_override
+
+
+def _overrides(items: list[str]) -> dict:
+    return dict(parse_override(item) for item in items)
+
+
+def dvc_command(sets: list[str], extra: list[str] | None = None) -> list[str]:
+    """`dvc repro`, or `dvc exp run -S k=v ...` when there are overrides (so DVC records them as
+    an experiment instead of editing params.yaml behind the user's back)."""
+    if not sets:
+        return ["dvc", "repro", *(extra or [])]
+    cmd = ["dvc", "exp", "run"]
+    for item in sets:
+        cmd += ["-S", item]
+    return cmd + (extra or [])
+
+
+FLOW_COMMANDS = {"run": "flows.pipeline", "sweep": "flows.sweep", "serve": "flows.deploy"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in FLOW_COMMANDS:
+        # The flow modules own their options; `serve` is `flows.deploy serve`.
+        import importlib
+
+        module = importlib.import_module(FLOW_COMMANDS[argv[0]])
+        module.main(argv if argv[0] == "serve" else argv[1:])
+        return 0
+
+    parser = argparse.ArgumentParser(prog="still", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in FLOW_COMMANDS:
+        sub.add_parser(name, help=f"Prefect: see `still {name} --help`")
+    for name, text in [("validate", "validate params.yaml and overrides"),
+                       ("repro", "run the DVC pipeline (an experiment when --set is given)")]:
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a param, e.g. --set distill.layers=2 (repeatable)")
+        p.add_argument("--params", default=str(DEFAULT_PARAMS))
+    args = parser.parse_args(argv)
+
+    try:
+        params = load_params(args.params, _overrides(args.sets))
+    except ParamsError as err:
+        print(f"still: {err}", file=sys.stderr)
+        return 2
+    if args.command == "validate":
+        print(f"{args.params}: ok ({len(params.to_dict())} sections)")
+        return 0
+    cmd = dvc_command(args.sets)
+    print("+", shlex.join(cmd), flush=True)
+    return subprocess.call(cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Small helpers every stage uses: atomic outputs, resolved params beside artifacts, seeding,
+and `pkg:` locations for data and weights that ship inside installed packages."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from components.config import Params, ParamsError, load_params
+
+PARAMS_FILE = "params.json"
+
+
+def _umask_mode(mode: int) -> int:
+    """mkstemp/mkdtemp create private (0600/0700) paths; artifacts get the usual umask."""
+    current = os.umask(0)
+    os.umask(current)
+    return mode & ~current
+
+
+class StageError(RuntimeError):
+    """A stage cannot go on; the message says what was wrong and how to fix it."""
+
+
+def resolve_location(location: str) -> str:
+    """Turn `pkg:module/sub/path` into a local path inside the installed package; pass anything
+    else (local path, fsspec URI, hub id) through unchanged.
+
+    The package is located with `importlib.util.find_spec`, which does not execute its code.
+    """
+    if not location.startswith("pkg:"):
+        return location
+    module, _, sub = location[len("pkg:") :].partition("/")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise StageError(
+            f"{location}: package {module!r} is not installed (pip install it, or point the "
+            "param at a local path / URI instead)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / sub
+    if not path.exists():
+        raise StageError(f"{location}: {path} does not exist inside package {module!r}")
+    return str(path)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    try:
+        import torch
+    except ImportError:  # prepare/tokenizer don't need torch
+        return
+    torch.manual_seed(seed)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True, default=_json_default)
+            fh.write("\n")
+        os.chmod(tmp, _umask_mode(0o666))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path} not found: run the stage that produces it first (dvc repro)")
+    return json.loads(path.read_text())
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path, params: Params | None = None) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; on success it replaces `final` in one rename.
+
+    On any error the temporary folder is removed and `final` (the previous good output) is left
+    as it was. The resolved params are written into the folder so every artifact says how it
+    was made.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    os.chmod(tmp, _umask_mode(0o777))
+    try:
+        yield tmp
+        if params is not None:
+            write_json(tmp / PARAMS_FILE, params.to_dict())
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def file_size(path: str | Path) -> int:
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def stage_main(name: str, run: Callable[[Params], Any]) -> None:
+    """Entry point of `python -m components.<stage>`: read params.yaml, run, report the time.
+    Expected failures (bad params, bad input) print one clear line and exit with status 2."""
+    start = time.perf_counter()
+    try:
+        run(load_params())
+    except (ParamsError, StageError) as err:
+        print(f"{name}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{name}: done in {time.perf_counter() - start:.1f} s")

@@ -1,0 +1,3 @@
+from components.distill.train import main
+
+main()

@@ -1,0 +1,64 @@
+"""Weights & Biases, offline by default.
+
+The mode comes from the `WANDB_MODE` environment variable when set, else `tracking.mode` in
+params.yaml (default `offline`: runs are written under `paths.wandb` and can be uploaded later
+with `wandb sync`). Every run gets the resolved params as its config, with secrets redacted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from components.config import Params
+
+_SECRET = re.compile(r"(key|token|secret|password|credential)", re.IGNORECASE)
+
+
+def redact(config: Any) -> Any:
+    """Replace the values of secret-looking keys so they never reach a logged config."""
+    if isinstance(config, dict):
+        return {
+            k: "***" if _SECRET.search(str(k)) and v not in (None, "") else redact(v)
+            for k, v in config.items()
+        }
+    if isinstance(config, list):
+        return [redact(v) for v in config]
+    return config
+
+
+def wandb_mode(params: Params) -> str:
+    return os.environ.get("WANDB_MODE") or params.tracking.mode
+
+
+def init_kwargs(params: Params, stage: str) -> dict[str, Any]:
+    """Arguments shared by `wandb.init` and Lightning's `WandbLogger`."""
+    wandb_dir = Path(params.paths.wandb)
+    wandb_dir.mkdir(parents=True, exist_ok=True)
+    return {
+        "project": params.tracking.project,
+        "entity": params.tracking.entity,
+        "mode": wandb_mode(params),
+        "dir": str(wandb_dir),
+        "job_type": stage,
+        "group": os.environ.get("STILL_RUN_GROUP"),
+        "config": redact(params.to_dict()),
+        "reinit": "finish_previous",
+    }
+
+
+def start_run(params: Params, stage: str):
+    """Start a W&B run for a stage that does not train through Lightning (e.g. evaluate)."""
+    import wandb
+
+    return wandb.init(name=stage, **init_kwargs(params, stage))
+
+
+def lightning_logger(params: Params, stage: str):
+    from pytorch_lightning.loggers import WandbLogger
+
+    kwargs = init_kwargs(params, stage)
+    kwargs["save_dir"] = kwargs.pop("dir")  # WandbLogger's name for wandb.init's `dir`
+    return WandbLogger(name=stage, **kwargs)

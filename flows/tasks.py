@@ -1,0 +1,147 @@
+"""Thin Prefect tasks over DVC. Retries live in the decorators, and only where a retry can
+help: talking to a remote (pull/push) and the stage that reads the source data, which may be
+on s3/gs/http. A failing training run or parity check is deterministic, so it is not retried.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+from prefect.tasks import exponential_backoff
+
+from flows import dvc
+
+# Stages whose failures can be transient (network reads), with their retry count.
+STAGE_RETRIES = {"prepare": 2}
+REMOTE_RETRIES = 3
+BACKOFF = exponential_backoff(backoff_factor=10)
+
+
+@task(name="validate-params", cache_policy=NO_CACHE)
+def validate_overrides(repo: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Fail before any stage runs if params.yaml + overrides is invalid (every problem listed)."""
+    from components.config import load_params
+
+    return load_params(Path(repo) / "params.yaml", overrides).to_dict()
+
+
+@task(name="apply-params", cache_policy=NO_CACHE)
+def apply_overrides(repo: str, overrides: dict[str, Any]) -> None:
+    """Write overrides into params.yaml the way `dvc exp run -S` does: in the workspace,
+    keeping comments and key order (ruamel round trip)."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    path = Path(repo) / "params.yaml"
+    data = yaml.load(path.read_text())
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    tmp = path.with_suffix(".yaml.tmp")
+    with tmp.open("w") as fh:
+        yaml.dump(data, fh)
+    tmp.replace(path)
+
+
+@task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE)
+def run_stage(repo: str, stage: str, group: str | None = None) -> dict[str, Any]:
+    """`dvc repro --single-item <stage>`: DVC skips it when nothing it depends on changed."""
+    start = time.perf_counter()
+    extra = {"STILL_RUN_GROUP": group} if group else None
+    output = dvc.run(["repro", "--single-item", stage], repo, extra, what=f"stage {stage!r}")
+    ran = dvc.stage_ran(output, stage)
+    seconds = time.perf_counter() - start
+    get_run_logger().info("stage %s %s in %.1f s", stage, "ran" if ran else "was up to date",
+                          seconds)
+    return {"stage": stage, "ran": ran, "seconds": round(seconds, 2)}
+
+
+@task(name="dvc-pull", retries=REMOTE_RETRIES, retry_delay_seconds=BACKOFF, cache_policy=NO_CACHE)
+def pull(repo: str) -> None:
+    dvc.run(["pull", "--allow-missing"], repo)
+
+
+@task(name="dvc-push", retries=REMOTE_RETRIES, retry_delay_seconds=BACKOFF, cache_policy=NO_CACHE)
+def push(repo: str) -> None:
+    dvc.run(["push"], repo)
+
+
+@task(name="dvc-exp-save", cache_policy=NO_CACHE)
+def save_experiment(repo: str, name: str) -> str:
+    """Record the workspace as a DVC experiment (`dvc exp run` == `repro` + `exp save`)."""
+    dvc.run(["exp", "save", "--force", "-n", name], repo)
+    return name
+
+
+@task(name="dvc-experiment", task_run_name="{name}", cache_policy=NO_CACHE)
+def run_experiment(repo: str, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """One sweep point in its own workspace: a local clone of the committed repo that shares the
+    main DVC cache, so unchanged upstream stages are restored from DVC's run-cache instead of
+    rerunning, and concurrent experiments never fight over one workspace's lock. The finished
+    experiment is pushed back to the main repo as a DVC experiment ref."""
+    repo_path = Path(repo).resolve()
+    cache = Path(dvc.run(["cache", "dir"], repo_path).strip()).resolve()
+    workspace = Path(tempfile.mkdtemp(prefix=f"still-{name}-"))
+    try:
+        dvc.git(["clone", "-q", str(repo_path), str(workspace / "repo")], repo_path)
+        ws = workspace / "repo"
+        dvc.run(["cache", "dir", "--local", str(cache)], ws)
+        args = ["exp", "run", "-n", name]
+        for key, value in overrides.items():
+            args += ["-S", f"{key}={json.dumps(value)}"]
+        dvc.run(args, ws, {"STILL_RUN_GROUP": name}, what=f"experiment {name!r}")
+        metrics = read_metrics(str(ws))
+        dvc.run(["exp", "push", "--no-cache", "--force", "origin", name], ws)
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
+    return {"experiment": name, **overrides, **summarize(metrics)}
+
+
+def read_metrics(repo: str) -> dict[str, Any]:
+    from components.config import load_params
+
+    params = load_params(Path(repo) / "params.yaml")
+    path = Path(repo) / params.paths.evaluate / "metrics.json"
+    return json.loads(path.read_text())
+
+
+def summarize(metrics: dict[str, Any]) -> dict[str, float]:
+    """The handful of numbers a sweep table compares, flat."""
+    systems, ratios = metrics["systems"], metrics["ratios"]
+    row = {
+        "teacher_accuracy": systems["teacher"]["accuracy"],
+        "student_accuracy": systems["student"]["accuracy"],
+        "student_macro_f1": systems["student"]["macro_f1"],
+        "student_onnx_per_s": systems["student_onnx"]["throughput_per_s"],
+        "onnx_speedup_vs_teacher": ratios["student_onnx_throughput_vs_teacher"],
+        "student_size_mb": systems["student"]["size_mb"],
+    }
+    if "student_onnx_int8" in systems:
+        row["int8_accuracy"] = systems["student_onnx_int8"]["accuracy"]
+        row["int8_speedup_vs_fp32"] = ratios["int8_throughput_vs_fp32"]
+    return {k: round(float(v), 4) for k, v in row.items()}
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "_no rows_"
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(r.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,70 @@
+import pytest
+import yaml
+
+from components.config import ParamsError, load_params, parse_override, validate
+from tests.conftest import ROOT
+
+
+def production() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_production_params_are_valid():
+    params = load_params(ROOT / "params.yaml")
+    assert params.prepare.source.startswith("pkg:")
+    assert params.distill.hidden % params.distill.heads == 0
+
+
+def test_every_problem_is_reported_at_once_with_its_key():
+    raw = production()
+    raw["distill"]["heads"] = 3  # 256 % 3 != 0
+    raw["teacher"]["epochs"] = "many"
+    raw["tokenizer"]["vocab_sise"] = 100  # typo
+    raw["tokenizer"]["vocab_size"] = 3  # fewer than the special tokens
+    with pytest.raises(ParamsError) as err:
+        validate(raw)
+    msg = str(err.value)
+    assert "teacher.epochs" in msg
+    assert "tokenizer.vocab_sise: unknown key" in msg
+    assert "tokenizer.vocab_size" in msg
+    assert "distill" in msg and "divisible by heads" in msg
+    assert "problem(s)" in msg
+
+
+def test_missing_section_is_named():
+    raw = production()
+    del raw["paths"]
+    with pytest.raises(ParamsError, match="paths: required key is missing"):
+        validate(raw)
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    params = load_params(path, dict([parse_override("distill.layers=2"),
+                                     parse_override("distill.lr=1e-3")]))
+    assert params.distill.layers == 2 and params.distill.lr == pytest.approx(1e-3)
+    with pytest.raises(ParamsError, match="distill.layrs"):
+        load_params(path, {"distill.layrs": 2})
+    with pytest.raises(ParamsError, match="key.sub=value"):
+        parse_override("distill.layers")
+
+
+def test_impossible_split_fractions():
+    raw = production()
+    raw["prepare"]["validation_fraction"] = 0.5
+    raw["prepare"]["test_fraction"] = 0.45
+    with pytest.raises(ParamsError, match="train split"):
+        validate(raw)
+
+
+def test_cli_validate_reports_problems(tmp_path, capsys):
+    from components.cli import dvc_command, main
+
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    assert main(["validate", "--params", str(path)]) == 0
+    assert main(["validate", "--params", str(path), "--set", "distill.heads=3"]) == 2
+    assert "divisible by heads" in capsys.readouterr().err
+    assert dvc_command([]) == ["dvc", "repro"]
+    assert dvc_command(["distill.layers=2"]) == ["dvc", "exp", "run", "-S", "distill.layers=2"]

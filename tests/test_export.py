@@ -1,0 +1,52 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from components.common import StageError
+from components.export import ParityError, check_parity, export_onnx, session
+from components.textdata import pad_batch
+from tests.test_distill import tiny_student
+
+
+def test_dynamic_axes_and_parity_across_shapes(tmp_path):
+    model = tiny_student()
+    path = tmp_path / "m.onnx"
+    export_onnx(model, pad_batch([[2, 5, 3]], 0), path, opset=17)
+    sess = session(path)
+    axes = {i.name: i.shape for i in sess.get_inputs()}
+    assert axes == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]}
+    data = [pad_batch([[2, 5, 6, 7, 3]] * 3, 0), pad_batch([[2, 3], [2, 9, 9, 9, 9, 9, 3]], 0)]
+    report = check_parity(model, sess, data, atol=1e-4, rtol=1e-3)
+    assert report["max_abs_error"] < 1e-4 and report["batches"] == 2
+
+
+def test_divergence_fails_naming_output_and_error(tmp_path):
+    path = tmp_path / "m.onnx"
+    export_onnx(tiny_student(), pad_batch([[2, 5, 3]], 0), path, opset=17)
+    torch.manual_seed(123)
+    other = tiny_student()  # different weights: the ONNX file no longer matches
+    with pytest.raises(ParityError, match=r"'logits'.*max abs error"):
+        check_parity(other, session(path), [pad_batch([[2, 5, 3]], 0)], atol=1e-4, rtol=1e-3)
+
+
+def test_corrupt_onnx_file_is_named(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"not an onnx model")
+    with pytest.raises(StageError, match=r"model\.onnx cannot be loaded"):
+        session(bad)
+
+
+def test_export_stage_outputs(trained_pipeline):
+    params, results = trained_pipeline
+    out = Path(params.paths.export)
+    m = results["export"]
+    assert m["fp32"]["max_abs_error"] <= params.export.atol * 10
+    assert (out / "model.onnx").is_file() and (out / "model.int8.onnx").is_file()
+    assert m["int8"]["bytes"] < m["fp32"]["bytes"]
+    assert 0 <= m["int8"]["argmax_agreement"] <= 1
+    sess = session(out / "model.onnx")
+    ids, mask = pad_batch([[2, 5, 6, 3]] * 7, 0)
+    logits = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    assert logits.shape == (7, 3) and np.isfinite(logits).all()

@@ -1,0 +1,142 @@
+"""The Prefect flows against Prefect's real local server (prefect_test_harness starts one on a
+temporary SQLite database) and real DVC in temporary git repos."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows import dvc
+from flows.deploy import ENTRYPOINTS, NIGHTLY_CRON, deployments
+from flows.pipeline import ARTIFACT_KEY, pipeline
+from flows.sweep import expand_grid, parse_grid, sweep
+from flows.tasks import STAGE_RETRIES
+from tests.conftest import ROOT, make_dvc_repo, sh
+
+pytestmark = pytest.mark.slow
+STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, dataset_csv, tiny_teacher):
+    return make_dvc_repo(tmp_path_factory.mktemp("flowrepo"), dataset_csv, tiny_teacher)
+
+
+def task_runs(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def artifact(key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert found, f"no artifact {key!r}"
+    return found[-1]
+
+
+def test_stage_order_comes_from_dvc(repo):
+    assert dvc.stage_order(repo) == STAGES
+    assert set(STAGE_RETRIES) <= set(STAGES)
+
+
+def test_pipeline_flow_one_task_per_stage_then_cache_hit(prefect_server, repo):
+    state = pipeline(repo=str(repo), return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert [s["stage"] for s in result["stages"]] == STAGES
+    assert all(s["ran"] for s in result["stages"])
+    runs = task_runs(state.state_details.flow_run_id)
+    by_name = {r.name: r.state.type.value for r in runs}
+    for stage in STAGES:
+        assert by_name.get(stage) == "COMPLETED", by_name
+    md = artifact(ARTIFACT_KEY).data
+    assert "student_onnx_int8" in md and "accuracy_vs_throughput.png" in md
+    assert artifact(f"{ARTIFACT_KEY}-systems").type == "table"
+
+    again = pipeline(repo=str(repo))
+    assert [s["ran"] for s in again["stages"]] == [False] * len(STAGES)
+    assert "dvc.lock" in sh(["git", "status", "--short"], repo)
+    sh(["git", "add", "dvc.lock"], repo)
+    sh(["git", "commit", "-qm", "lock"], repo)
+
+
+def test_sweep_two_configs_gives_two_experiments(prefect_server, repo):
+    configs = [{"distill.hidden": 16}, {"distill.hidden": 32, "distill.temperature": 4.0}]
+    rows = sweep(repo=str(repo), configs=configs, max_parallel=2, name_prefix="t")
+    assert [r["experiment"] for r in rows] == ["t-0", "t-1"]
+    assert rows[0]["student_size_mb"] < rows[1]["student_size_mb"]
+    shown = json.loads(sh([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo))
+    names = {exp.get("name") for entry in shown for exp in
+             [e for e in (entry.get("experiments") or [])]}
+    assert {"t-0", "t-1"} <= names, shown
+    assert "| t-1 |" in artifact("still-sweep").data
+    # The sweep never touched the main workspace.
+    assert sh(["git", "status", "--short", "params.yaml"], repo) == ""
+
+
+def test_failing_stage_fails_the_flow_with_its_message(prefect_server, repo, tmp_path):
+    clone = tmp_path / "clone"
+    sh(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    cache = dvc.run(["cache", "dir"], repo).strip()
+    dvc.run(["cache", "dir", "--local", cache], clone)
+    state = pipeline(repo=str(clone), overrides={"export.atol": 1e-12, "export.rtol": 0.0},
+                     return_state=True)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "stage 'export' failed" in message and "diverges" in message
+    runs = {r.name: r.state.type.value for r in task_runs(state.state_details.flow_run_id)}
+    assert runs["export"] == "FAILED" and runs["distill"] == "COMPLETED"
+    assert "evaluate" not in runs
+
+
+def test_bad_override_fails_before_any_stage(prefect_server, repo):
+    state = pipeline(repo=str(repo), overrides={"distill.heads": 3}, return_state=True)
+    assert state.is_failed()
+    assert "divisible by heads" in str(state.result(raise_on_failure=False))
+    runs = {r.name for r in task_runs(state.state_details.flow_run_id)}
+    assert not runs & set(STAGES)
+
+
+def test_deployments_have_schedules_and_loadable_entrypoints(prefect_server):
+    from prefect.flows import load_flow_from_entrypoint
+
+    nightly, on_demand = deployments(".")
+    assert nightly.schedules[0].schedule.cron == NIGHTLY_CRON
+    assert on_demand.schedules == []
+    for deployment, key in [(nightly, "nightly"), (on_demand, "sweep")]:
+        assert deployment.entrypoint == ENTRYPOINTS[key]
+        path, func = ENTRYPOINTS[key].split(":")
+        flow = load_flow_from_entrypoint(f"{ROOT / path}:{func}")
+        assert flow.name == deployment.flow_name
+
+
+def test_grid_expansion():
+    grid = parse_grid(["distill.layers=2,4", "distill.temperature=2.0,4.0"])
+    assert grid == {"distill.layers": [2, 4], "distill.temperature": [2.0, 4.0]}
+    assert len(expand_grid(grid)) == 4
+    assert expand_grid({}) == []
+
+
+def test_flows_never_import_torch():
+    code = ("import sys, flows.pipeline, flows.sweep, flows.deploy, flows.tasks; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(ROOT))

@@ -79,19 +79,22 @@ def make_examples(per_class: int = 40, seed: int = 0) -> pd.DataFrame:
 @pytest.fixture(scope="session")
 def dataset_csv(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "tiny.csv"
-    make_examples().to_csv(path, index=False)
+    make_examples(per_class=100).to_csv(path, index=False)
     return path
 
 
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> Path:
+    return make_tiny_teacher(tmp_path_factory.mktemp("teacher"))
+
+
+def make_tiny_teacher(folder: Path) -> Path:
     """A 2-layer, 32-wide BERT with a WordPiece tokenizer, saved as a Hugging Face folder.
     It is a bare encoder (no classification head), like the default teacher."""
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
     from components.tokenizer import train
 
-    folder = tmp_path_factory.mktemp("teacher")
     texts = make_examples(per_class=60, seed=1)["text"].tolist()
     tok = train(texts, "wordpiece", vocab_size=200, min_frequency=1)
     hf_tok = PreTrainedTokenizerFast(
@@ -111,6 +114,8 @@ def tiny_teacher(tmp_path_factory) -> Path:
         intermediate_size=64,
         max_position_embeddings=64,
         pad_token_id=0,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     import torch
 
@@ -123,9 +128,9 @@ TINY_OVERRIDES = {
     "trainer.num_threads": 1,
     "tokenizer.vocab_size": 120,
     "tokenizer.min_frequency": 1,
-    "teacher.epochs": 15,
+    "teacher.epochs": 30,
     "teacher.batch_size": 16,
-    "teacher.lr": 1.0e-2,
+    "teacher.lr": 1.0e-3,
     "teacher.max_length": 32,
     "distill.layers": 1,
     "distill.hidden": 32,

@@ -58,3 +58,45 @@ def test_distill_stage_learns_and_agrees_with_teacher(trained_pipeline):
     assert m["parameters"] < results["teacher"]["parameters"] * 10
     assert results["teacher"]["finetuned"] is True
     assert results["teacher"]["val_accuracy"] > 0.6
+
+
+def test_feature_distillation_decreases_every_term():
+    """A tiny student with token merging, trained against fixed teacher logits and hidden
+    states: the logit KD, the pooled and the per-layer feature terms all go down, and the
+    learned projections (which live in the loss, not the model) are what make that possible."""
+    from components.distill.losses import FeatureDistillationLoss
+
+    torch.manual_seed(0)
+    model = tiny_student(merge_method="tome", merge_r=1).train()
+    teacher_hidden = 24
+    loss_fn = FeatureDistillationLoss(DistillationLoss(2.0, 0.5), 16, teacher_hidden,
+                                      pooled_weight=1.0, hidden_weight=1.0, layer_map={0: 1, 1: 2})
+    ids, mask = pad_batch([[2, *torch.randint(4, 50, (n,)).tolist(), 3] for n in range(3, 11)], 0)
+    batch = {"labels": torch.arange(8) % 3, "teacher_logits": torch.randn(8, 3) * 3,
+             "teacher_layers": torch.randn(8, 3, teacher_hidden)}  # embeddings + 2 layers
+    params = list(model.parameters()) + list(loss_fn.parameters())
+    assert len(list(loss_fn.parameters())) == 6  # pooled + 2 layer projections, weight + bias
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    history = []
+    for _ in range(80):
+        loss, parts = loss_fn(model.features(ids, mask), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append({"total": loss.item(), **{k: v.item() for k, v in parts.items()}})
+    assert set(history[0]) == {"total", "ce", "kd", "feature_pooled", "feature_hidden"}
+    for term in ("total", "kd", "feature_pooled", "feature_hidden"):
+        assert history[-1][term] < 0.5 * history[0][term], (term, history[0], history[-1])
+
+
+def test_features_are_per_layer_size_weighted_means():
+    """`features()` gives logits, the final pooled vector and one mean-pooled vector per layer
+    (embeddings first); with merging on, sizes keep the means over the original tokens."""
+    model = tiny_student(merge_method="tome", merge_r=2)
+    ids, mask = pad_batch([[2, 7, 9, 11, 13, 15, 3], [2, 5, 3]], 0)
+    logits, pooled, layers = model.features(ids, mask)
+    assert logits.shape == (2, 3) and layers.shape == (2, 3, 16) and pooled.shape[0] == 2
+    assert torch.allclose(logits, model(ids, mask), atol=1e-6)
+    # Padding does not leak into the pooled features either.
+    alone = model.features(*pad_batch([[2, 5, 3]], 0, model.cfg.min_tokens()))[2]
+    assert torch.allclose(alone[0], layers[1], atol=1e-5)

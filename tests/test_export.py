@@ -50,3 +50,40 @@ def test_export_stage_outputs(trained_pipeline):
     ids, mask = pad_batch([[2, 5, 6, 3]] * 7, 0)
     logits = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
     assert logits.shape == (7, 3) and np.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("method", ["tome", "pitome"])
+def test_merging_student_with_feature_kd_distills_exports_and_evaluates(trained_pipeline,
+                                                                        tmp_path, method):
+    """The reduced student end to end on the cached teacher outputs: token merging plus pooled
+    and per-layer feature distillation train, export to ONNX with parity (the export stage
+    raises on a mismatch), and evaluate reports fewer FLOPs than the unmerged student."""
+    from components import evaluate, export
+    from components.config import apply_overrides, validate
+    from components.distill import train as distill
+
+    params, results = trained_pipeline
+    raw = apply_overrides(params.to_dict(), {
+        "paths.student": str(tmp_path / "student"),
+        "paths.export": str(tmp_path / "export"),
+        "paths.evaluate": str(tmp_path / "evaluate"),
+        "distill.merge.method": method,
+        "distill.merge.r": 4,
+        "distill.feature.pooled_weight": 1.0,
+        "distill.feature.hidden_weight": 1.0,
+        "distill.feature.layer_map": {0: 2},
+    })
+    merged = validate(raw)
+    d = distill.run(merged)
+    assert d["merge_method"] == method and d["merge_layers"] == [0] and d["min_tokens"] == 10
+    assert d["val_accuracy"] > 0.6
+    e = export.run(merged)
+    assert e["fp32"]["max_abs_error"] < merged.export.atol and e["min_tokens"] == 10
+    sess = session(tmp_path / "export" / "model.onnx")
+    assert [i.shape for i in sess.get_inputs()] == [["batch", "sequence"]] * 2
+    m = evaluate.run(merged)["systems"]
+    plain = results["evaluate"]["systems"]
+    assert m["student"]["accuracy"] == m["student_onnx"]["accuracy"]
+    assert m["student"]["gflops_per_example"] < plain["student"]["gflops_per_example"]
+    assert m["teacher"]["gflops_per_example"] == pytest.approx(
+        plain["teacher"]["gflops_per_example"])

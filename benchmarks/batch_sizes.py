@@ -28,7 +28,9 @@ def main() -> None:
     params = load_params(args.params)
     torch.set_num_threads(params.evaluate.num_threads)
     texts = load_split(params, "test")["text"].tolist()[: args.examples]
-    systems = build_systems(params)
+    systems, trt_skip = build_systems(params)
+    if trt_skip:
+        print(f"TensorRT engines left out: {trt_skip}")
     print(f"{len(texts)} test examples, {params.evaluate.num_threads} threads; "
           "examples/s (ratio to teacher)")
     print(f"{'batch':>6} " + " ".join(f"{s.name:>24}" for s in systems))

@@ -45,6 +45,10 @@ class Tracking(_Section):
 class Trainer(_Section):
     accelerator: Literal["cpu", "gpu", "cuda", "mps", "auto"] = "auto"
     devices: int | str = 1
+    # Lightning's own multi-device / multi-node training: any registered strategy name
+    # ("auto", "ddp", "fsdp", "deepspeed", ...); no custom distributed code here.
+    strategy: str = "auto"
+    num_nodes: int = Field(1, ge=1)
     precision: str = "32-true"
     num_threads: int = Field(2, ge=1)
 

@@ -15,9 +15,11 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from components import tracking
+from components.common import StageError
 from components.config import Params
 
 # loss(outputs, batch) -> (loss, named parts). `outputs` is the model's logits, or, when the
@@ -60,13 +62,14 @@ class ClassifierModule(pl.LightningModule):
         n = len(logits)
         # Validation loss is plain CE on the true labels, whatever the training loss, so early
         # stopping compares like with like across KD settings.
+        # sync_dist: averaged over processes under ddp (a no-op on one device).
         self.log("val/loss", nn.functional.cross_entropy(logits, batch["labels"]),
-                 prog_bar=True, batch_size=n)
+                 prog_bar=True, batch_size=n, sync_dist=True)
         acc = (logits.argmax(-1) == batch["labels"]).float().mean()
-        self.log("val/acc", acc, prog_bar=True, batch_size=n)
+        self.log("val/acc", acc, prog_bar=True, batch_size=n, sync_dist=True)
         if "teacher_logits" in batch:
             agree = (logits.argmax(-1) == batch["teacher_logits"].argmax(-1)).float().mean()
-            self.log("val/teacher_agreement", agree, batch_size=n)
+            self.log("val/teacher_agreement", agree, batch_size=n, sync_dist=True)
 
     def configure_optimizers(self):
         decay, no_decay = [], []
@@ -103,18 +106,27 @@ def fit(module: ClassifierModule, data: pl.LightningDataModule, params: Params, 
     callbacks = [best, TQDMProgressBar(refresh_rate=10)]
     if patience:
         callbacks.append(EarlyStopping(monitor="val/loss", mode="min", patience=patience))
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator=params.trainer.accelerator,
-        devices=params.trainer.devices,
-        precision=params.trainer.precision,
-        deterministic=True,
-        logger=tracking.lightning_logger(params, stage),
-        callbacks=callbacks,
-        log_every_n_steps=10,
-        enable_model_summary=False,
-        default_root_dir=str(checkpoint_dir),
-    )
+    t = params.trainer
+    try:
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            accelerator=t.accelerator,
+            devices=t.devices,
+            strategy=t.strategy,
+            num_nodes=t.num_nodes,
+            precision=t.precision,
+            deterministic=True,
+            logger=tracking.lightning_logger(params, stage),
+            callbacks=callbacks,
+            log_every_n_steps=10,
+            enable_model_summary=False,
+            default_root_dir=str(checkpoint_dir),
+        )
+    except (ValueError, TypeError, MisconfigurationException) as err:
+        raise StageError(
+            f"trainer params (accelerator={t.accelerator!r}, devices={t.devices!r}, "
+            f"strategy={t.strategy!r}, num_nodes={t.num_nodes}, precision={t.precision!r}) "
+            f"are not usable here: {err}") from None
     module.train()  # HF from_pretrained returns eval mode; Lightning keeps the mode it is given
     trainer.fit(module, datamodule=data)
     if best.best_model_path:
@@ -123,6 +135,10 @@ def fit(module: ClassifierModule, data: pl.LightningDataModule, params: Params, 
     metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
     metrics["epochs_trained"] = trainer.current_epoch
     _finish_wandb(trainer)
+    if not trainer.is_global_zero:
+        # Multi-process strategies (ddp, ...) run the stage once per process; only rank 0
+        # goes on to write the stage's outputs.
+        raise SystemExit(0)
     return {k: float(v) for k, v in metrics.items()}
 
 

@@ -100,3 +100,22 @@ def test_features_are_per_layer_size_weighted_means():
     # Padding does not leak into the pooled features either.
     alone = model.features(*pad_batch([[2, 5, 3]], 0, model.cfg.min_tokens()))[2]
     assert torch.allclose(alone[0], layers[1], atol=1e-5)
+
+
+def test_unusable_lightning_strategy_is_a_clear_stage_error(tmp_path, dataset_csv, tiny_teacher):
+    """trainer.strategy / num_nodes go to Lightning as they are; one Lightning cannot use here
+    fails before any training with the trainer params named."""
+    import pytest
+
+    from components.common import StageError
+    from components.config import validate
+    from components.training import ClassifierModule, cross_entropy, fit
+    from tests.conftest import tiny_raw_params
+
+    raw = tiny_raw_params(tmp_path, dataset_csv, tiny_teacher,
+                          **{"trainer.strategy": "no_such_strategy", "tracking.mode": "disabled"})
+    params = validate(raw)
+    assert params.trainer.num_nodes == 1
+    module = ClassifierModule(tiny_student(), cross_entropy, 1e-3, 0.0, 0.0)
+    with pytest.raises(StageError, match=r"strategy='no_such_strategy'.*not usable here"):
+        fit(module, None, params, "distill", 1, tmp_path / "ckpt")

@@ -7,6 +7,8 @@
     still sweep --grid key=v1,v2 [--grid ...] [--max-parallel 2]
                                            the Prefect sweep flow (DVC experiments)
     still serve [--repo .]                 serve the nightly + sweep deployments locally
+    still report [--repo .] [--out reports] [--system student_onnx]
+                                           one table + plot across DVC experiments
 
 The pipeline order lives only in dvc.yaml: this CLI runs DVC (directly or through the Prefect
 flows), never the stage functions.
@@ -61,8 +63,24 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                        help="override a param, e.g. --set distill.layers=2 (repeatable)")
         p.add_argument("--params", default=str(DEFAULT_PARAMS))
+    rep = sub.add_parser("report", help="compare DVC experiments: a table and a plot")
+    rep.add_argument("--repo", default=".", help="DVC repo (default: here)")
+    rep.add_argument("--out", default="reports", help="folder for experiments.md/.json/.png")
+    rep.add_argument("--system", default="student_onnx",
+                     help="evaluated system to compare (default: student_onnx)")
     args = parser.parse_args(argv)
 
+    if args.command == "report":
+        from components.report import write_experiments_report
+
+        try:
+            path = write_experiments_report(args.repo, args.out, args.system)
+        except RuntimeError as err:
+            print(f"still report: {err}", file=sys.stderr)
+            return 2
+        print(path.read_text(), end="")
+        print(f"written: {path} (+ experiments.json, experiments.png)")
+        return 0
     try:
         params = load_params(args.params, _overrides(args.sets))
     except ParamsError as err:

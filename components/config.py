@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_PARAMS = Path("params.yaml")
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -63,6 +70,9 @@ class Prepare(_Section):
     validation_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.15, gt=0, lt=1)
     deduplicate: bool = True
+    # skip: drop bad rows (malformed, undecodable, empty, unlabeled, classes too small to split)
+    # and count them in report.json; error: stop, naming them.
+    on_bad_rows: Literal["skip", "error"] = "skip"
 
     @model_validator(mode="after")
     def _fractions_leave_a_train_split(self) -> Prepare:
@@ -75,9 +85,17 @@ class Prepare(_Section):
 
 class Tokenizer(_Section):
     type: Literal["bpe", "wordpiece", "unigram"] = "wordpiece"
-    vocab_size: int = Field(8000, gt=len(SPECIAL_TOKENS))
+    vocab_size: int = 8000
     min_frequency: int = Field(2, ge=1)
     lowercase: bool = True
+
+    @field_validator("vocab_size")
+    @classmethod
+    def _room_beyond_special_tokens(cls, v: int) -> int:
+        if v <= len(SPECIAL_TOKENS):
+            raise ValueError(f"must be larger than the {len(SPECIAL_TOKENS)} special tokens "
+                             f"{list(SPECIAL_TOKENS)} so the tokenizer learns any real token")
+        return v
 
 
 class _Optim(_Section):
@@ -130,13 +148,15 @@ class Distill(_Optim):
 
     @model_validator(mode="after")
     def _consistent(self) -> Distill:
+        # Each problem names its full key; all of them are reported together.
         problems = []
         if self.hidden % self.heads:
-            problems.append(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+            problems.append(f"distill.heads: hidden ({self.hidden}) must be divisible by heads "
+                            f"({self.heads})")
         m = self.merge
         bad_layers = [i for i in m.layers if not 0 <= i < self.layers]
         if bad_layers:
-            problems.append(f"merge.layers {bad_layers} outside 0..{self.layers - 1}")
+            problems.append(f"distill.merge.layers: {bad_layers} outside 0..{self.layers - 1}")
         if m.method != "none":
             merging = len(m.layers or range(self.layers))
             # The last merging layer still needs r tokens on each side of the bipartite split
@@ -144,17 +164,20 @@ class Distill(_Optim):
             needed = m.r * (merging + 1) + 2
             if needed > self.max_length:
                 problems.append(
-                    f"merge.r={m.r} over {merging} layer(s) needs sequences of {needed} tokens, "
-                    f"more than max_length={self.max_length}"
+                    f"distill.merge.r: r={m.r} over {merging} layer(s) needs sequences of "
+                    f"{needed} tokens, more than distill.max_length={self.max_length}"
                 )
         if self.feature.hidden_weight > 0 and not self.feature.layer_map:
-            problems.append("feature.hidden_weight > 0 needs feature.layer_map")
+            problems.append("distill.feature.hidden_weight: > 0 needs distill.feature.layer_map")
         bad_map = [k for k in self.feature.layer_map if not 0 <= k < self.layers]
         if bad_map:
-            problems.append(f"feature.layer_map student layers {bad_map} outside "
+            problems.append(f"distill.feature.layer_map: student layers {bad_map} outside "
                             f"0..{self.layers - 1}")
+        if len(problems) == 1:
+            raise ValueError(problems[0])
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError(f"{len(problems)} inconsistent values:\n      - "
+                             + "\n      - ".join(problems))
         return self
 
 
@@ -192,12 +215,23 @@ class Export(_Section):
     tensorrt: TensorRT = TensorRT()
 
 
+class Cascade(_Section):
+    enabled: bool = True
+    student: str = "student_onnx"  # the evaluated system that answers first
+    confidence: Literal["max_prob", "margin", "entropy"] = "max_prob"
+    thresholds: int = Field(51, ge=2)  # evenly spaced in [0, 1]
+    target_accuracy: float | None = Field(None, ge=0, le=1)  # None: teacher's minus tolerance
+    tolerance: float = Field(0.005, ge=0, le=1)
+
+
 class Evaluate(_Section):
     latency_batch_size: int = Field(1, ge=1)
     latency_examples: int = Field(100, ge=1)
     warmup: int = Field(10, ge=0)
     throughput_batch_size: int = Field(32, ge=1)
+    repeats: int = Field(3, ge=1)  # timed passes; the median is reported
     num_threads: int = Field(2, ge=1)
+    cascade: Cascade = Cascade()
 
 
 class Params(_Section):

@@ -21,6 +21,7 @@ Run: `python -m components.evaluate` (or `dvc repro evaluate`).
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import time
 from collections.abc import Callable
@@ -30,19 +31,22 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, f1_score
+from tqdm.auto import tqdm
 
+from components import cascade, report, tracking
 from components import tensorrt as trt_engines
-from components import tracking
-from components.common import atomic_dir, file_size, stage_main, write_json
+from components.common import StageError, atomic_dir, file_size, stage_main, write_json
 from components.config import Params
 from components.distill import student as student_io
 from components.export import FP32_FILE, INT8_FILE, session
 from components.flops import encoder_flops
-from components.prepare import load_split
+from components.prepare import load_label_names, load_split
 from components.textdata import encode, pad_batch, pad_id
 from components.tokenizer import TOKENIZER_FILE
 
 PLOT_FILE = "plots/systems.json"
+CASCADE_FILE = "plots/cascade.json"
+CONFUSION_FILE = "plots/confusion.json"
 PNG_FILE = "accuracy_vs_throughput.png"
 
 
@@ -134,9 +138,12 @@ def measure(system: System, texts: list[str], labels: np.ndarray, params: Params
     chunks = [texts[i : i + bs] for i in range(0, len(texts), bs)]
     for chunk in chunks[: max(1, cfg.warmup // 4)]:
         system.logits(chunk)
-    start = time.perf_counter()
-    logits = np.concatenate([system.logits(c) for c in chunks])
-    elapsed = time.perf_counter() - start
+    passes = []
+    for _ in range(cfg.repeats):  # several full passes; the median is reported
+        start = time.perf_counter()
+        logits = np.concatenate([system.logits(c) for c in chunks])
+        passes.append(time.perf_counter() - start)
+    elapsed = float(np.median(passes))
     preds = logits.argmax(-1)
 
     lb = cfg.latency_batch_size
@@ -225,50 +232,168 @@ def plot(points: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def run_cascade(params: Params, results: dict[str, dict], labels: np.ndarray) -> dict | None:
+    """The student-then-teacher cascade over thresholds (see components/cascade.py)."""
+    cfg = params.evaluate.cascade
+    if not cfg.enabled:
+        return None
+    if cfg.student not in results:
+        raise StageError(f"evaluate.cascade.student {cfg.student!r} is not an evaluated system "
+                         f"(evaluated: {', '.join(results)})")
+    s, t = results[cfg.student], results["teacher"]
+    target = (cfg.target_accuracy if cfg.target_accuracy is not None
+              else t["accuracy"] - cfg.tolerance)
+    points = cascade.curve(s["logits"], t["logits"], labels, s["latency_p50_ms"],
+                           t["latency_p50_ms"], cfg.confidence,
+                           np.linspace(0.0, 1.0, cfg.thresholds).tolist())
+    return {"student": cfg.student, "confidence": cfg.confidence, "target_accuracy": target,
+            "chosen": cascade.choose(points, target), "points": points}
+
+
+def best_student(results: dict[str, dict]) -> str:
+    students = [n for n in results if n != "teacher"]
+    return max(students, key=lambda n: (results[n]["accuracy"], results[n]["throughput_per_s"]))
+
+
 def run(params: Params) -> dict:
     torch.set_num_threads(params.evaluate.num_threads)
     test = load_split(params, "test")
     texts, labels = test["text"].tolist(), test["label"].to_numpy()
+    names = load_label_names(params)
     results = {}
     systems, trt_skip = build_systems(params)
     if trt_skip:
         print(f"evaluate: TensorRT engines not evaluated: {trt_skip}")
-    for system in systems:
+    for system in tqdm(systems, desc="evaluate", unit="system"):
         results[system.name] = measure(system, texts, labels, params)
         r = results[system.name]
-        print(f"evaluate: {system.name:<18} acc {r['accuracy']:.4f} f1 {r['macro_f1']:.4f} "
-              f"p50 {r['latency_p50_ms']:.2f} ms  {r['throughput_per_s']:.1f} ex/s  "
-              f"{r['size_mb']:.1f} MB")
-    for r in results.values():
-        r.pop("logits")
+        tqdm.write(f"evaluate: {system.name:<18} acc {r['accuracy']:.4f} f1 {r['macro_f1']:.4f} "
+                   f"p50 {r['latency_p50_ms']:.2f} ms  {r['throughput_per_s']:.1f} ex/s  "
+                   f"{r['size_mb']:.1f} MB")
+    casc = run_cascade(params, results, labels)
+    best = best_student(results)
+    best_preds = results[best]["logits"].argmax(-1)
+    logits = {name: r.pop("logits") for name, r in results.items()}
     metrics = {"test_examples": len(texts), "systems": results, "ratios": ratios(results),
                "tensorrt": trt_skip or "evaluated"}
     points = [{"system": name, **{k: v for k, v in r.items() if k != "runtime"}}
               for name, r in results.items()]
+    extra = []
+    if casc:
+        chosen = casc["chosen"]
+        metrics["cascade"] = {k: v for k, v in casc.items() if k != "points"}
+        if chosen:
+            metrics["ratios"]["cascade_speedup_vs_teacher"] = chosen["speedup_vs_teacher"]
+            extra.append({"system": f"cascade@{chosen['threshold']:.2f}",
+                          "accuracy": chosen["accuracy"],
+                          "latency_p50_ms": chosen["expected_latency_ms"]})
+        print(f"evaluate: cascade ({casc['student']} -> teacher, {casc['confidence']}) "
+              + (f"threshold {chosen['threshold']:.2f}: acc {chosen['accuracy']:.4f}, "
+                 f"{100 * chosen['deferred_fraction']:.1f}% deferred, "
+                 f"{chosen['speedup_vs_teacher']:.2f}x faster than the teacher"
+                 if chosen else f"reaches no threshold for target {casc['target_accuracy']:.4f}"))
 
     with atomic_dir(params.paths.evaluate, params) as out:
-        write_json(out / "metrics.json", metrics)
         (out / "plots").mkdir()
         write_json(out / PLOT_FILE, points)
         plot(points, out / PNG_FILE)
+        metrics["pareto"] = report.plot_pareto(points, out / report.PARETO_PNG, extra)
+        cm = report.confusion(labels, best_preds, names, f"{best} on the test split",
+                              out / report.CONFUSION_PNG)
+        metrics["best_student"] = {"system": best, "per_class": cm["per_class"]}
+        write_json(out / CONFUSION_FILE, [{"actual": names[a], "predicted": names[b]}
+                                          for a, b in zip(labels, best_preds, strict=True)])
+        images = [out / PNG_FILE, out / report.PARETO_PNG, out / report.CONFUSION_PNG]
+        if casc:
+            write_json(out / CASCADE_FILE, casc["points"])
+            cascade.plot(casc["points"], casc["chosen"], casc["target_accuracy"],
+                         results[casc["student"]]["latency_p50_ms"],
+                         results["teacher"]["latency_p50_ms"], results["teacher"]["accuracy"],
+                         out / report.CASCADE_PNG)
+            images.insert(1, out / report.CASCADE_PNG)
+        write_json(out / "metrics.json", metrics)
+        md = report.markdown(metrics)
+        (out / report.REPORT_MD).write_text(md)
+        report.html_report(md, images, out / report.REPORT_HTML)
         write_json(out / "environment.json", environment(params))
-        log_to_wandb(params, metrics, points, out / PNG_FILE)
+        log_to_wandb(params, metrics, points, casc, out, images)
+    del logits
     return metrics
 
 
-def log_to_wandb(params: Params, metrics: dict, points: list[dict], png: Path) -> None:
+def log_to_wandb(params: Params, metrics: dict, points: list[dict], casc: dict | None,
+                 out: Path, images: list[Path]) -> None:
+    """Tables, charts, summary numbers, the report files and the model files (as artifacts)."""
     import wandb
 
     run = tracking.start_run(params, "evaluate")
     columns = list(points[0])
-    run.log({
-        "systems": wandb.Table(columns=columns, data=[[p[c] for c in columns] for p in points]),
-        "accuracy_vs_throughput": wandb.Image(str(png)),
-    })
+    logged = {
+        "systems": wandb.Table(columns=columns, data=[[p.get(c) for c in columns]
+                                                      for p in points]),
+        **{image.stem: wandb.Image(str(image)) for image in images},
+    }
+    per_class = metrics["best_student"]["per_class"]
+    logged["per_class_f1"] = wandb.Table(
+        columns=["class", "precision", "recall", "f1", "support"],
+        data=[[k, v["precision"], v["recall"], v["f1"], v["support"]]
+              for k, v in per_class.items()])
+    if casc:
+        cols = list(casc["points"][0])
+        table = wandb.Table(columns=cols, data=[[p[c] for c in cols] for p in casc["points"]])
+        logged["cascade"] = table
+        logged["cascade_accuracy_vs_cost"] = wandb.plot.line(
+            table, "expected_latency_ms", "accuracy", title="Cascade: accuracy vs expected ms")
+    run.log(logged)
     run.summary.update({f"{name}/{k}": v for name, r in metrics["systems"].items()
                         for k, v in r.items() if isinstance(v, int | float)})
     run.summary.update({f"ratios/{k}": v for k, v in metrics["ratios"].items()})
+    if metrics.get("cascade", {}).get("chosen"):
+        run.summary.update({f"cascade/{k}": v for k, v in metrics["cascade"]["chosen"].items()})
+    _log_artifacts(run, params, out, metrics)
     run.finish()
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        h.update(f.relative_to(folder).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _log_artifacts(run, params: Params, out: Path, metrics: dict) -> None:
+    """Model files and report files as W&B artifacts, with lineage to the data and tokenizer.
+
+    Online, the data and tokenizer folders are `use_artifact` inputs of this run (W&B draws the
+    graph). W&B refuses `use_artifact` offline, so there the inputs' content digests go into
+    the output artifacts' metadata instead (the same folders give the same digests)."""
+    import wandb
+
+    inputs = {}
+    for name, kind, folder in (("dataset", "dataset", params.paths.data),
+                               ("tokenizer", "tokenizer", params.paths.tokenizer)):
+        inputs[name] = _digest(Path(folder))
+        if tracking.wandb_mode(params) == "online":
+            art = wandb.Artifact(name, type=kind, metadata={"sha256": inputs[name]})
+            art.add_dir(str(folder))
+            run.use_artifact(art)
+    best = metrics["best_student"]["system"]
+    model = wandb.Artifact("student", type="model", metadata={
+        "inputs_sha256": inputs, "best_system": best,
+        "accuracy": {n: r["accuracy"] for n, r in metrics["systems"].items()}})
+    student_dir, export_dir = Path(params.paths.student), Path(params.paths.export)
+    for f in (student_io.WEIGHTS_FILE, "config.json", TOKENIZER_FILE):
+        if (student_dir / f).is_file():
+            model.add_file(str(student_dir / f), name=f"pytorch/{f}")
+    for f in sorted(export_dir.glob("*.onnx")):
+        model.add_file(str(f), name=f"onnx/{f.name}")
+    run.log_artifact(model, aliases=["latest", best])
+    evaluation = wandb.Artifact("evaluation", type="report",
+                                metadata={"inputs_sha256": inputs,
+                                          "tensorrt": metrics.get("tensorrt")})
+    evaluation.add_dir(str(out))
+    run.log_artifact(evaluation)
 
 
 def main() -> None:

@@ -71,14 +71,22 @@ def publish(repo: str, stages: list[dict], metrics: dict, overrides: dict) -> No
     systems = [{"system": name, **{k: v for k, v in m.items() if k != "runtime"}}
                for name, m in metrics["systems"].items()]
     ran = ", ".join(s["stage"] for s in stages if s["ran"]) or "none (all up to date)"
+    # The evaluate stage's own report (systems, ratios, Pareto fronts, cascade, per-class F1),
+    # one heading level down; older outputs without it get the plain tables.
+    report = evaluate_dir / "report.md"
+    body = ([report.read_text().replace("\n#", "\n##").replace("# Evaluation", "## Evaluation",
+                                                                  1)]
+            if report.is_file() else
+            ["## Systems on the test split", tasks.markdown_table(systems),
+             "## Ratios", tasks.markdown_table([metrics["ratios"]])])
     markdown = "\n\n".join([
         f"# still pipeline: {flow_run.get_name()}",
         f"**Overrides:** `{overrides or 'none'}`  \n**Stages run:** {ran}",
-        "## Systems on the test split", tasks.markdown_table(systems),
-        "## Ratios", tasks.markdown_table([metrics["ratios"]]),
+        *body,
         "## Stages", tasks.markdown_table(stages),
-        f"Plots: `{evaluate_dir / 'accuracy_vs_throughput.png'}` (PNG), "
-        f"`dvc plots show` in `{repo}`; metrics: `{evaluate_dir / 'metrics.json'}`",
+        f"Plots: `{evaluate_dir}` (accuracy_vs_throughput, cascade, pareto, confusion PNGs; "
+        f"report.html), `dvc plots show` in `{repo}`; metrics: "
+        f"`{evaluate_dir / 'metrics.json'}`",
     ])
     create_markdown_artifact(markdown=markdown, key=ARTIFACT_KEY,
                              description="Pipeline run: metrics of every system")

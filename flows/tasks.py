@@ -130,6 +130,9 @@ def summarize(metrics: dict[str, Any]) -> dict[str, float]:
     if "student_onnx_int8" in systems:
         row["int8_accuracy"] = systems["student_onnx_int8"]["accuracy"]
         row["int8_speedup_vs_fp32"] = ratios["int8_throughput_vs_fp32"]
+    if "cascade_speedup_vs_teacher" in ratios:
+        row["cascade_accuracy"] = metrics["cascade"]["chosen"]["accuracy"]
+        row["cascade_speedup_vs_teacher"] = ratios["cascade_speedup_vs_teacher"]
     return {k: round(float(v), 4) for k, v in row.items()}
 
 

@@ -38,3 +38,69 @@ def test_wandb_offline_runs_hold_config_and_table(trained_pipeline):
     # Offline runs keep config and history in the run's .wandb record file.
     record = next(evaluate_runs[-1].glob("run-*.wandb")).read_bytes()
     assert b"temperature" in record and b"student_onnx_int8" in record
+    tables = {p.name.split("_")[0] for p in evaluate_runs[-1].glob("files/media/table/*.json")}
+    assert {"systems", "cascade", "per"} <= tables, tables
+    # Artifacts: the model files and the report, each with the inputs' digests for lineage.
+    for name in (b"pytorch/model.safetensors", b"onnx/model.onnx", b"onnx/model.int8.onnx",
+                 b"report.html", b"inputs_sha256"):
+        assert name in record, name
+
+
+def test_cascade_ends_are_the_student_and_the_teacher(trained_pipeline):
+    params, results = trained_pipeline
+    m = results["evaluate"]
+    out = Path(params.paths.evaluate)
+    points = json.loads((out / "plots/cascade.json").read_text())
+    systems = m["systems"]
+    student = systems[params.evaluate.cascade.student]
+    first, last = points[0], points[-1]
+    assert first["threshold"] == 0.0 and first["deferred_fraction"] == 0.0
+    assert first["accuracy"] == student["accuracy"]
+    assert first["expected_latency_ms"] == student["latency_p50_ms"]
+    assert last["threshold"] == 1.0 and last["deferred_fraction"] == 1.0
+    assert last["accuracy"] == systems["teacher"]["accuracy"]
+    assert len(points) == params.evaluate.cascade.thresholds
+    fractions = [p["deferred_fraction"] for p in points]
+    assert fractions == sorted(fractions)  # a higher threshold never defers less
+    chosen = m["cascade"]["chosen"]
+    if chosen is not None:
+        assert chosen["accuracy"] >= m["cascade"]["target_accuracy"]
+        cheaper = [p for p in points if p["expected_latency_ms"] < chosen["expected_latency_ms"]]
+        assert all(p["accuracy"] < m["cascade"]["target_accuracy"] for p in cheaper)
+
+
+def test_pareto_fronts_hold_no_dominated_system(trained_pipeline):
+    params, results = trained_pipeline
+    m = results["evaluate"]
+    points = [{"system": n, **r} for n, r in m["systems"].items()]
+    for axis, maximize in (("throughput_per_s", True), ("size_mb", False)):
+        front = m["pareto"][axis]
+        assert front, axis
+        for name in front:
+            p = next(q for q in points if q["system"] == name)
+            better = [q for q in points if q is not p
+                      and q["accuracy"] >= p["accuracy"]
+                      and (q[axis] >= p[axis] if maximize else q[axis] <= p[axis])
+                      and (q["accuracy"] > p["accuracy"] or q[axis] != p[axis])]
+            assert not better, (axis, name, better)
+
+
+def test_every_plot_is_a_png_and_the_reports_are_written(trained_pipeline):
+    params, results = trained_pipeline
+    out = Path(params.paths.evaluate)
+    pngs = sorted(out.glob("*.png"))
+    assert {p.name for p in pngs} >= {"accuracy_vs_throughput.png", "cascade.png", "pareto.png",
+                                      "confusion.png"}
+    for png in pngs:
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png.name
+    md = (out / "report.md").read_text()
+    assert "| student_onnx |" in md and "Cascade" in md and "Pareto" in md
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4
+    confusion = json.loads((out / "plots/confusion.json").read_text())
+    assert len(confusion) == results["evaluate"]["test_examples"]
+    names = set(json.loads((Path(params.paths.data) / "label_map.json").read_text())["labels"])
+    assert {c["actual"] for c in confusion} <= names
+    best = results["evaluate"]["best_student"]
+    assert set(best["per_class"]) == names

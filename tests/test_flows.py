@@ -69,7 +69,8 @@ def test_pipeline_flow_one_task_per_stage_then_cache_hit(prefect_server, repo):
     for stage in STAGES:
         assert by_name.get(stage) == "COMPLETED", by_name
     md = artifact(ARTIFACT_KEY).data
-    assert "student_onnx_int8" in md and "accuracy_vs_throughput.png" in md
+    assert "student_onnx_int8" in md and "accuracy_vs_throughput" in md
+    assert "## Cascade" in md and "Pareto fronts" in md and "Per-class F1" in md
     assert artifact(f"{ARTIFACT_KEY}-systems").type == "table"
 
     again = pipeline(repo=str(repo))
@@ -91,6 +92,17 @@ def test_sweep_two_configs_gives_two_experiments(prefect_server, repo):
     assert "| t-1 |" in artifact("still-sweep").data
     # The sweep never touched the main workspace.
     assert sh(["git", "status", "--short", "params.yaml"], repo) == ""
+    # `still report` compares the experiments from `dvc exp show`: one row each, the params
+    # that differ as columns, and a plot.
+    from components.cli import main as still
+
+    out = repo.parent / "reports"
+    assert still(["report", "--repo", str(repo), "--out", str(out)]) == 0
+    table = (out / "experiments.md").read_text()
+    assert "| t-0 |" in table and "| t-1 |" in table and "distill.hidden" in table
+    rows = {r["experiment"]: r for r in json.loads((out / "experiments.json").read_text())}
+    assert rows["t-0"]["distill.hidden"] == 16 and rows["t-1"]["distill.temperature"] == 4.0
+    assert (out / "experiments.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_failing_stage_fails_the_flow_with_its_message(prefect_server, repo, tmp_path):

@@ -1,0 +1,280 @@
+"""Reports that decide: Pareto fronts, confusion matrix, the Markdown/HTML evaluation report, and
+`still report`: one comparison table and plot across DVC experiments.
+
+Pareto front (maximise accuracy, and throughput or minimise size/latency): a point is on the front
+when no other point is at least as good on both axes and strictly better on one.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+PARETO_PNG = "pareto.png"
+CONFUSION_PNG = "confusion.png"
+CASCADE_PNG = "cascade.png"
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+
+
+def pareto_front(points: list[dict], x: str, maximize_x: bool, y: str = "accuracy") -> list[str]:
+    """Names (`system`) of the non-dominated points, sorted along x."""
+    sign = 1.0 if maximize_x else -1.0
+
+    def dominates(a: dict, b: dict) -> bool:
+        ax, bx = sign * a[x], sign * b[x]
+        return ax >= bx and a[y] >= b[y] and (ax > bx or a[y] > b[y])
+
+    front = [p for p in points if not any(dominates(q, p) for q in points if q is not p)]
+    return [p["system"] for p in sorted(front, key=lambda p: p[x])]
+
+
+def plot_pareto(points: list[dict], path: Path, extra: list[dict] | None = None) -> dict:
+    """Accuracy vs throughput, vs size and vs latency (with cascade points in `extra`), the
+    front drawn in each panel. Returns the fronts by axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    latency_points = points + (extra or [])
+    panels = [
+        ("throughput_per_s", True, "throughput (examples/s, log)", points),
+        ("size_mb", False, "size (MB, log)", points),
+        ("latency_p50_ms", False, "p50 latency (ms, log)", latency_points),
+    ]
+    fronts = {}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, (key, maximize, label, pts) in zip(axes, panels, strict=True):
+        front = pareto_front(pts, key, maximize)
+        fronts[key] = front
+        for p in pts:
+            on = p["system"] in front
+            ax.scatter(p[key], p["accuracy"], s=50 if on else 30,
+                       marker="o" if not p["system"].startswith("cascade") else "D",
+                       color="tab:red" if on else "tab:blue", zorder=3)
+            ax.annotate(p["system"], (p[key], p["accuracy"]), textcoords="offset points",
+                        xytext=(5, 4), fontsize=8)
+        line = sorted((p for p in pts if p["system"] in front), key=lambda p: p[key])
+        ax.plot([p[key] for p in line], [p["accuracy"] for p in line], color="tab:red",
+                lw=1, ls="--", label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("Accuracy vs cost; red: not dominated by any other system")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fronts
+
+
+def confusion(labels: np.ndarray, preds: np.ndarray, names: list[str], title: str,
+              path: Path) -> dict:
+    """Confusion matrix PNG and per-class precision/recall/F1 for one system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    ids = list(range(len(names)))
+    cm = confusion_matrix(labels, preds, labels=ids)
+    p, r, f, support = precision_recall_fscore_support(labels, preds, labels=ids,
+                                                       zero_division=0)
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 3, 1.0 * len(names) + 2.5))
+    ax.imshow(cm, cmap="Blues")
+    for i in ids:
+        for j in ids:
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xticks(ids, names, rotation=45, ha="right")
+    ax.set_yticks(ids, names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {
+        "matrix": cm.tolist(),
+        "per_class": {n: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                          "support": int(support[i])} for i, n in enumerate(names)},
+    }
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> list[str]:
+    """Markdown table; columns are (key, header, format spec)."""
+    out = ["| " + " | ".join(h for _, h, _ in columns) + " |",
+           "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        cells = []
+        for key, _, spec in columns:
+            v = row.get(key)
+            cells.append("-" if v is None else format(v, spec) if spec else str(v))
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+SYSTEM_COLUMNS = [
+    ("system", "system", ""), ("runtime", "runtime", ""), ("accuracy", "accuracy", ".4f"),
+    ("macro_f1", "macro-F1", ".4f"), ("latency_p50_ms", "p50 ms", ".2f"),
+    ("latency_p95_ms", "p95 ms", ".2f"), ("throughput_per_s", "ex/s", ".1f"),
+    ("size_mb", "MB", ".1f"), ("parameters", "params", ","),
+    ("tokens_per_example", "tokens/ex", ".1f"), ("gflops_per_example", "GFLOPs/ex", ".3f"),
+]
+
+
+def markdown(metrics: dict) -> str:
+    """The evaluation report (also the Prefect artifact): systems, ratios, cascade, fronts."""
+    rows = [{"system": name, **r} for name, r in metrics["systems"].items()]
+    lines = [f"# Evaluation: {metrics['test_examples']} test examples", ""]
+    lines += _table(rows, SYSTEM_COLUMNS) + [""]
+    lines += ["## Ratios", ""] + [f"- {k}: {v:.3f}" for k, v in metrics["ratios"].items()]
+    fronts = metrics.get("pareto", {})
+    if fronts:
+        lines += ["", "## Pareto fronts (not dominated on accuracy and cost)", ""]
+        lines += [f"- accuracy vs {axis}: {', '.join(names)}" for axis, names in fronts.items()]
+    c = metrics.get("cascade")
+    if c:
+        lines += ["", f"## Cascade: {c['student']} first, teacher when {c['confidence']} "
+                  f"confidence < threshold", ""]
+        chosen = c.get("chosen")
+        if chosen:
+            lines.append(
+                f"Target accuracy {c['target_accuracy']:.4f}: threshold "
+                f"{chosen['threshold']:.2f} gives accuracy {chosen['accuracy']:.4f}, defers "
+                f"{100 * chosen['deferred_fraction']:.1f}% to the teacher, expected "
+                f"{chosen['expected_latency_ms']:.2f} ms/example "
+                f"({chosen['speedup_vs_teacher']:.2f}x faster than the teacher alone).")
+        else:
+            lines.append(f"No threshold reaches the target accuracy "
+                         f"{c['target_accuracy']:.4f}.")
+    best = metrics.get("best_student")
+    if best:
+        lines += ["", f"## Per-class F1: {best['system']}", ""]
+        lines += _table([{"class": k, **v} for k, v in best["per_class"].items()],
+                        [("class", "class", ""), ("precision", "precision", ".3f"),
+                         ("recall", "recall", ".3f"), ("f1", "F1", ".3f"),
+                         ("support", "support", "")])
+    if metrics.get("tensorrt") not in (None, "evaluated"):
+        lines += ["", f"TensorRT: {metrics['tensorrt']}"]
+    return "\n".join(lines) + "\n"
+
+
+def html_report(md: str, images: list[Path], path: Path) -> None:
+    """A self-contained HTML page: the Markdown text (pre-formatted) and the PNGs inlined."""
+    parts = ["<!doctype html><meta charset='utf-8'><title>still evaluation</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+             "pre{white-space:pre-wrap}img{max-width:100%}</style>",
+             f"<pre>{html.escape(md)}</pre>"]
+    for image in images:
+        data = base64.b64encode(image.read_bytes()).decode()
+        parts.append(f"<h3>{html.escape(image.name)}</h3><img src='data:image/png;base64,{data}'>")
+    path.write_text("\n".join(parts) + "\n")
+
+
+# ------------------------------------------------------------------ across DVC experiments
+
+METRICS_FILE = "artifacts/evaluate/metrics.json"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def experiments(repo: str | Path = ".", metrics_file: str = METRICS_FILE) -> list[dict]:
+    """Workspace, HEAD and every DVC experiment with its evaluate metrics and changed params,
+    from `dvc exp show --json` (the same source as `dvc exp show`)."""
+    proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json", "-A"],
+                          cwd=repo, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc exp show failed in {repo}: {proc.stderr.strip()[-1000:]}")
+    rows = []
+
+    def visit(entry: dict, parent: str | None):
+        data = entry.get("data") or {}
+        metrics = ((data.get("metrics") or {}).get(metrics_file) or {}).get("data")
+        params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+        if metrics:
+            name = entry.get("name") or data.get("name") or entry.get("rev", "?")[:7]
+            rows.append({"experiment": name, "rev": data.get("rev") or entry.get("rev"),
+                         "baseline": parent, "metrics": metrics, "params": _flatten(params)})
+        for exp in entry.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                visit(rev, entry.get("name") or entry.get("rev"))
+
+    for entry in json.loads(proc.stdout or "[]"):
+        visit(entry, None)
+    return rows
+
+
+def compare(rows: list[dict], system: str = "student_onnx") -> tuple[list[dict], list[str]]:
+    """One flat row per experiment: the chosen system's numbers + the params that differ."""
+    keys = sorted({k for r in rows for k in r["params"]})
+    differing = [k for k in keys if len({json.dumps(r["params"].get(k)) for r in rows}) > 1
+                 and not k.startswith("paths.")]
+    table = []
+    for r in rows:
+        s = r["metrics"]["systems"].get(system) or {}
+        t = r["metrics"]["systems"].get("teacher") or {}
+        table.append({
+            "experiment": r["experiment"], "accuracy": s.get("accuracy"),
+            "teacher_accuracy": t.get("accuracy"), "throughput_per_s": s.get("throughput_per_s"),
+            "gflops_per_example": s.get("gflops_per_example"), "size_mb": s.get("size_mb"),
+            **{k: r["params"].get(k) for k in differing},
+        })
+    return table, differing
+
+
+def write_experiments_report(repo: str | Path, out_dir: str | Path,
+                             system: str = "student_onnx") -> Path:
+    """`still report`: experiments.md (table), experiments.json and experiments.png."""
+    rows = experiments(repo)
+    if not rows:
+        raise RuntimeError(f"no experiment in {repo} has {METRICS_FILE} yet: run `dvc repro` or "
+                           "`still sweep` first")
+    table, differing = compare(rows, system)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    columns = [("experiment", "experiment", ""), ("accuracy", f"{system} acc", ".4f"),
+               ("teacher_accuracy", "teacher acc", ".4f"),
+               ("throughput_per_s", "ex/s", ".1f"), ("gflops_per_example", "GFLOPs/ex", ".3f"),
+               ("size_mb", "MB", ".1f")] + [(k, k, "") for k in differing]
+    md = [f"# {len(table)} experiments ({system})", ""] + _table(table, columns)
+    (out / "experiments.md").write_text("\n".join(md) + "\n")
+    (out / "experiments.json").write_text(json.dumps(table, indent=2) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    pts = [r for r in table if r["accuracy"] is not None and r["throughput_per_s"]]
+    for r in pts:
+        ax.scatter(r["throughput_per_s"], r["accuracy"], s=40)
+        ax.annotate(r["experiment"], (r["throughput_per_s"], r["accuracy"]),
+                    textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel(f"{system} throughput (examples/s)")
+    ax.set_ylabel(f"{system} test accuracy")
+    ax.set_title("DVC experiments")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "experiments.png", dpi=110)
+    plt.close(fig)
+    return out / "experiments.md"

@@ -10,7 +10,8 @@ and left out), timed round-robin over `--rounds` rounds so that machine noise hi
 configurations alike, best round kept.
 
 Needs the default pipeline's prepare, tokenizer and teacher outputs (`dvc repro teacher`).
-Students and ONNX files go to `--out` (default `benchmarks/out/token_merging/`, git-ignored).
+Students and ONNX files go to `--out` (default `benchmarks/out/token_merging/`, git-ignored); a
+student already there with exactly the same resolved params is reused (`--retrain` to redo).
 
     python benchmarks/token_merging.py [--configs off tome:16 tome:24 pitome:24] [--rounds 5]
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from components import export
+from components.common import PARAMS_FILE, StageError, read_json, redact
 from components.config import apply_overrides, load_params, validate
 from components.distill import student as student_io
 from components.distill import train as distill
@@ -43,7 +45,18 @@ def parse_config(text: str) -> tuple[str, dict]:
     return text, {"distill.merge.method": method, "distill.merge.r": int(r)}
 
 
-def train_and_export(params, name: str, overrides: dict, out: Path):
+def _already_trained(p) -> dict | None:
+    """The metrics of a student this script trained before with exactly these params."""
+    folder = Path(p.paths.student)
+    try:
+        if read_json(folder / PARAMS_FILE) == json.loads(json.dumps(redact(p.to_dict()))):
+            return read_json(folder / "metrics.json")
+    except StageError:
+        pass
+    return None
+
+
+def train_and_export(params, name: str, overrides: dict, out: Path, retrain: bool):
     folder = out / name.replace(":", "_r")
     raw = apply_overrides(params.to_dict(), {
         **overrides,
@@ -52,9 +65,14 @@ def train_and_export(params, name: str, overrides: dict, out: Path):
         "tracking.mode": "disabled",
     })
     p = validate(raw, f"config {name}")
-    start = time.perf_counter()
-    d = distill.run(p)
-    train_s = time.perf_counter() - start
+    d = None if retrain else _already_trained(p)
+    if d is not None:
+        print(f"{name}: reusing the student in {p.paths.student} (same params; --retrain to redo)")
+        train_s = float("nan")
+    else:
+        start = time.perf_counter()
+        d = distill.run(p)
+        train_s = time.perf_counter() - start
     e = export.run(p)
     return p, d, e, train_s
 
@@ -68,6 +86,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", default="benchmarks/out/token_merging")
+    parser.add_argument("--retrain", action="store_true",
+                        help="train every student again even if --out holds one with the same "
+                             "params")
     args = parser.parse_args()
     configs = [parse_config(c) for c in args.configs]
     if configs[0][0] != "off":
@@ -80,7 +101,7 @@ def main() -> None:
     rows = []
     for name, overrides in configs:
         print(f"=== {name}: distill + export", flush=True)
-        p, d, e, train_s = train_and_export(params, name, overrides, out)
+        p, d, e, train_s = train_and_export(params, name, overrides, out, args.retrain)
         model = student_io.load(p.paths.student)
         cfg = model.cfg
         from tokenizers import Tokenizer

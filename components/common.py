@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -21,6 +22,14 @@ import numpy as np
 from components.config import Params, ParamsError, load_params
 
 PARAMS_FILE = "params.json"
+REDACTED = "***"
+# Name segments (split on _ - . and camelCase) that mark a secret: `api_key`, `accessToken`,
+# `WANDB_API_KEY`, but not plain words that merely contain one, like `tokenizer`.
+_SECRET_WORDS = {"key", "apikey", "token", "secret", "password", "passwd", "pwd",
+                 "credential", "credentials", "auth", "signature", "sig", "sas"}
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):"
+                           r"(?P<secret>[^@/\s]+)@")
+_QUERY_PARAM = re.compile(r"(?P<name>[?&;][^=&;#\s]+)=(?P<value>[^&;#\s]*)")
 
 
 def _umask_mode(mode: int) -> int:
@@ -55,6 +64,28 @@ def resolve_location(location: str) -> str:
     return str(path)
 
 
+def is_secret_name(name: str) -> bool:
+    words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(name)).lower()
+    return any(w in _SECRET_WORDS for w in re.split(r"[^a-z0-9]+", words))
+
+
+def redact(value: Any) -> Any:
+    """A copy of `value` safe to log or write beside artifacts: values under secret-looking keys
+    (at any depth) become "***", and so do passwords inside URLs (`s3://user:pw@host`) and
+    secret-looking query parameters (`...?token=...`, `X-Amz-Signature=...`)."""
+    if isinstance(value, dict):
+        return {k: REDACTED if is_secret_name(k) and v not in (None, "") else redact(v)
+                for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        value = _URL_USERINFO.sub(rf"\g<scheme>\g<user>:{REDACTED}@", value)
+        return _QUERY_PARAM.sub(
+            lambda m: f"{m['name']}={REDACTED}" if is_secret_name(m["name"][1:]) else m[0],
+            value)
+    return value
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -66,21 +97,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
+def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
+    """Write a file atomically: a temp file in the same folder, then one rename (a reader never
+    sees half a file, a crash never leaves one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True, default=_json_default)
-            fh.write("\n")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(memoryview(data))
         os.chmod(tmp, _umask_mode(0o666))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (sorted keys, numpy values converted)."""
+    text = json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n"
+    atomic_write_bytes(path, text.encode())
 
 
 def _json_default(obj: Any) -> Any:
@@ -105,8 +142,8 @@ def atomic_dir(final: str | Path, params: Params | None = None) -> Iterator[Path
     """Yield a temporary folder beside `final`; on success it replaces `final` in one rename.
 
     On any error the temporary folder is removed and `final` (the previous good output) is left
-    as it was. The resolved params are written into the folder so every artifact says how it
-    was made.
+    as it was. The resolved params (secrets redacted) are written into the folder so every
+    artifact says how it was made.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +152,7 @@ def atomic_dir(final: str | Path, params: Params | None = None) -> Iterator[Path
     try:
         yield tmp
         if params is not None:
-            write_json(tmp / PARAMS_FILE, params.to_dict())
+            write_json(tmp / PARAMS_FILE, redact(params.to_dict()))
         old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")

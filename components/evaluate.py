@@ -22,6 +22,7 @@ Run: `python -m components.evaluate` (or `dvc repro evaluate`).
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -181,7 +182,7 @@ def environment(params: Params) -> dict:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
         "threads": params.evaluate.num_threads,
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,

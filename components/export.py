@@ -128,13 +128,32 @@ def agreement(reference, other, data) -> dict:
 
 def quantize_int8(src: Path, dst: Path) -> None:
     """Shape inference + graph optimisation first (ORT's recommended pre-processing), then
-    dynamic quantisation of the MatMul/Gather weights to int8."""
+    dynamic quantisation of the MatMul/Gather weights to int8.
+
+    ORT's symbolic shape inference cannot follow every data-dependent shape (a token-merging
+    student's sort/gather ops leave some dims unknown) and then raises after dumping a debug
+    model into the working directory. Pre-processing therefore runs inside a temporary working
+    directory, and when symbolic inference fails it is retried with ONNX's own shape inference
+    only, which is all that dynamic weight quantisation needs."""
+    import contextlib
+    import tempfile
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    src, dst = Path(src).resolve(), Path(dst).resolve()
     prepared = dst.with_suffix(".prep.onnx")
     try:
-        quant_pre_process(str(src), str(prepared))
+        with tempfile.TemporaryDirectory(prefix="still-quant-") as scratch, \
+                contextlib.chdir(scratch):
+            try:
+                quant_pre_process(str(src), str(prepared))
+            except Exception as err:  # ORT raises a bare Exception here
+                if "symbolic shape inference" not in str(err):
+                    raise
+                warnings.warn(f"INT8 pre-processing: {err}; using ONNX shape inference only",
+                              stacklevel=2)
+                quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
         quantize_dynamic(str(prepared), str(dst), weight_type=QuantType.QInt8)
     finally:
         prepared.unlink(missing_ok=True)

@@ -16,7 +16,9 @@ Run: `python -m components.teacher` (or `dvc repro teacher`).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -60,24 +62,59 @@ def _model_path(ref: str) -> str:
         raise StageError(f"teacher.model={ref!r}: {local} has no config.json; point it at a "
                          "Hugging Face model folder")
     if not local.exists() and (path.startswith((".", "/")) or path.count("/") > 1):
-        raise StageError(f"teacher.model={ref!r}: folder {path} does not exist")
+        raise StageError(f"teacher.model={ref!r}: folder {path} does not exist; point "
+                         "teacher.model at a Hugging Face model folder, a hub id or "
+                         "pkg:MODULE/sub/path")
     return path
+
+
+@contextlib.contextmanager
+def _loading(what: str, fix: str) -> Iterator[None]:
+    """Turn a loader's own exception (OSError, safetensors' errors, ...) into a StageError
+    naming `what` and the fix."""
+    try:
+        yield
+    except StageError:
+        raise
+    except Exception as err:  # transformers/safetensors raise many types for a bad folder
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise StageError(f"{what} cannot be loaded ({first}); {fix}") from None
 
 
 def load_tokenizer(ref: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_model_path(ref))
+    path = _model_path(ref)
+    with _loading(f"teacher.model={ref!r}: the tokenizer in {path}",
+                  "point teacher.model at a model folder with tokenizer files (or a hub id "
+                  "reachable from here)"):
+        return AutoTokenizer.from_pretrained(path)
 
 
-def needs_finetune(config, label_names: list[str], mode: str) -> bool:
+def head_labels(config) -> list[str] | None:
+    """The class names of a saved classification head, None for a bare encoder."""
+    if not any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
+        return None
+    return [config.id2label.get(i, config.id2label.get(str(i)))
+            for i in range(config.num_labels)] if config.id2label else []
+
+
+def needs_finetune(config, label_names: list[str], mode: str, ref: str = "") -> bool:
+    """Whether to fine-tune; with `never`, a head that does not match the data's labels is an
+    error (a new head would be random, every prediction meaningless)."""
+    current = head_labels(config)
+    matches = current == label_names
+    if mode == "never" and not matches:
+        has = ("no classification head" if current is None
+               else f"a head for {len(current)} labels {current}")
+        raise StageError(
+            f"teacher.finetune=never but teacher.model={ref!r} has {has} and the data has "
+            f"{len(label_names)} labels {label_names} (label_map.json). Set teacher.finetune: "
+            "auto to train a matching head, or point teacher.model at a classifier trained on "
+            "these labels, in this order")
     if mode != "auto":
         return mode == "always"
-    is_classifier = any(a.endswith("ForSequenceClassification")
-                        for a in (config.architectures or []))
-    current = [config.id2label.get(i, config.id2label.get(str(i)))
-               for i in range(config.num_labels)] if config.id2label else []
-    return not (is_classifier and current == label_names)
+    return not matches
 
 
 def load_model(path: str, label_names: list[str]) -> nn.Module:
@@ -119,8 +156,12 @@ def run(params: Params) -> dict:
     ids = {s: encode(backend, frames[s]["text"], cfg.max_length) for s in SPLITS}
     labels = {s: frames[s]["label"].to_numpy() for s in SPLITS}
 
-    finetune = needs_finetune(AutoConfig.from_pretrained(path), label_names, cfg.finetune)
-    model = load_model(path, label_names)
+    fix = "point teacher.model at an intact Hugging Face model folder (re-download it)"
+    with _loading(f"teacher.model={cfg.model!r}: {path}/config.json", fix):
+        config = AutoConfig.from_pretrained(path)
+    finetune = needs_finetune(config, label_names, cfg.finetune, cfg.model)
+    with _loading(f"teacher.model={cfg.model!r}: the weights in {path}", fix):
+        model = load_model(path, label_names)
     module = ClassifierModule(model, cross_entropy, cfg.lr, cfg.weight_decay, cfg.warmup_ratio)
     data = TextDataModule(EncodedDataset(ids["train"], labels["train"]),
                           EncodedDataset(ids["validation"], labels["validation"]),
@@ -170,8 +211,11 @@ def load_trained(params: Params) -> tuple[HFClassifier, object]:
     folder = Path(params.paths.teacher)
     if not (folder / "config.json").is_file():
         raise StageError(f"{folder} has no teacher: run the teacher stage (dvc repro teacher)")
-    hf = AutoModelForSequenceClassification.from_pretrained(folder)
-    return HFClassifier(hf).eval(), AutoTokenizer.from_pretrained(folder)
+    with _loading(f"the teacher in {folder} (model.safetensors / config.json)",
+                  "rerun the teacher stage (dvc repro -f teacher)"):
+        hf = AutoModelForSequenceClassification.from_pretrained(folder)
+        tok = AutoTokenizer.from_pretrained(folder)
+    return HFClassifier(hf).eval(), tok
 
 
 def main() -> None:

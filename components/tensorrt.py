@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from components.common import StageError, file_size, read_json, write_json
+from components.common import StageError, atomic_write_bytes, file_size, read_json, write_json
 from components.config import Params, TensorRT
 
 ENGINE_DIR = "tensorrt"
@@ -327,19 +327,6 @@ def _pin_fp32(network) -> list[str]:
     return pinned
 
 
-def _atomic_write_bytes(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(memoryview(data))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -404,7 +391,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str,
             f"TensorRT {trt.__version__} failed to build the {precision} engine from "
             f"{graph_path} (see the TensorRT log above); try a larger "
             "export.tensorrt.workspace_mb or smaller max_batch/max_seq")
-    _atomic_write_bytes(engine_path, serialized)
+    atomic_write_bytes(engine_path, serialized)
 
     info = {
         "precision": precision,

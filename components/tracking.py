@@ -2,31 +2,22 @@
 
 The mode comes from the `WANDB_MODE` environment variable when set, else `tracking.mode` in
 params.yaml (default `offline`: runs are written under `paths.wandb` and can be uploaded later
-with `wandb sync`). Every run gets the resolved params as its config, with secrets redacted.
+with `wandb sync`). Every run gets the resolved params as its config, with secrets redacted
+(`components.common.redact`: secret-looking keys at any depth, passwords and tokens inside
+URLs). The W&B API key is left to W&B itself (`WANDB_API_KEY` / `wandb login`): this module
+never reads it, so it cannot end up in a config.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
+from components.common import redact
 from components.config import Params
 
-_SECRET = re.compile(r"(key|token|secret|password|credential)", re.IGNORECASE)
-
-
-def redact(config: Any) -> Any:
-    """Replace the values of secret-looking keys so they never reach a logged config."""
-    if isinstance(config, dict):
-        return {
-            k: "***" if _SECRET.search(str(k)) and v not in (None, "") else redact(v)
-            for k, v in config.items()
-        }
-    if isinstance(config, list):
-        return [redact(v) for v in config]
-    return config
+__all__ = ["init_kwargs", "lightning_logger", "redact", "start_run", "wandb_mode"]
 
 
 def wandb_mode(params: Params) -> str:

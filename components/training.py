@@ -3,15 +3,25 @@
 `ClassifierModule` trains any `model(input_ids, attention_mask) -> logits` with a pluggable
 loss; `fit()` builds the Trainer (checkpointing, early stopping, progress bar, W&B logger,
 seeded and deterministic) and returns the best weights' validation metrics.
+
+Resume: every epoch (re)writes `last.ckpt` (full state: weights, optimizer, scheduler, early
+stopping, best checkpoint) into the checkpoint folder, next to `params.sha256`, the hash of the
+resolved params it was trained with. A run that was killed is rerun the same way (`dvc repro`):
+when the hash matches, training continues from `last.ckpt`; when params changed, the old
+checkpoints are discarded. Each epoch reseeds its shuffling and dropout from (seed, epoch), so a
+resumed run follows the same path as one that was never interrupted.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
@@ -21,6 +31,9 @@ from torch import nn
 from components import tracking
 from components.common import StageError
 from components.config import Params
+
+LAST_CHECKPOINT = "last.ckpt"
+PARAMS_HASH_FILE = "params.sha256"
 
 # loss(outputs, batch) -> (loss, named parts). `outputs` is the model's logits, or, when the
 # loss has `needs_features = True`, the model's `features()` tuple (logits first).
@@ -96,14 +109,105 @@ def configure_torch(params: Params) -> None:
     pl.seed_everything(params.seed, workers=True, verbose=False)
 
 
-def fit(module: ClassifierModule, data: pl.LightningDataModule, params: Params, stage: str,
-        epochs: int, checkpoint_dir: str | Path, patience: int | None = None) -> dict[str, float]:
-    """Train, restore the best checkpoint's weights into `module`, return its val metrics."""
-    checkpoint_dir = Path(checkpoint_dir)
+class EpochSeed(pl.Callback):
+    """Seed each epoch's randomness (shuffle order, dropout) from (seed, epoch) alone.
+
+    Lightning checkpoints do not hold RNG states, so without this a run resumed at epoch k
+    would shuffle like epoch 0 and drift from the run that was never interrupted.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reseed(trainer, trainer.current_epoch)  # a resumed run's first epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reseed(trainer, trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning may create the next epoch's iterator (drawing its permutation) before
+        # on_train_epoch_start, so seed it here too.
+        self._reseed(trainer, trainer.current_epoch + 1)
+
+    def _reseed(self, trainer: pl.Trainer, epoch: int) -> None:
+        epoch_seed = self.seed * 1_000_003 + epoch
+        torch.manual_seed(epoch_seed)
+        loaders = trainer.train_dataloader
+        for loader in loaders if isinstance(loaders, list | tuple) else [loaders]:
+            samplers = {id(s): s for s in (getattr(loader, "sampler", None), getattr(
+                getattr(loader, "batch_sampler", None), "sampler", None)) if s is not None}
+            for sampler in samplers.values():
+                # A fresh generator of the sampler's own: the loader's generator is also drawn
+                # from when an iterator is created, which Lightning does at different times
+                # in a fresh and a resumed run. RandomSampler reads it at its first draw.
+                if getattr(sampler, "generator", None) is not None:
+                    sampler.generator = torch.Generator().manual_seed(epoch_seed)
+
+
+def params_hash(params: Params, stage: str, epochs: int, module: nn.Module | None = None,
+                data: pl.LightningDataModule | None = None) -> str:
+    """Hash of what a checkpoint was trained from: the resolved params, and (when given) the
+    initial weights and the encoded train/validation examples, so a checkpoint is never
+    resumed after the data or the starting model changed under the same params."""
+    h = hashlib.sha256(json.dumps({"stage": stage, "epochs": epochs,
+                                   "params": params.to_dict()}, sort_keys=True).encode())
+    if module is not None:
+        for name, tensor in module.state_dict().items():
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    for split in ("train", "val"):
+        dataset = getattr(data, split, None)
+        if hasattr(dataset, "ids") and hasattr(dataset, "labels"):
+            h.update(json.dumps(dataset.ids).encode())
+            h.update(np.ascontiguousarray(dataset.labels).tobytes())
+            for key, values in sorted(getattr(dataset, "targets", {}).items()):
+                h.update(key.encode())
+                h.update(np.ascontiguousarray(values).tobytes())
+    return h.hexdigest()
+
+
+def resume_checkpoint(checkpoint_dir: Path, digest: str) -> Path | None:
+    """`last.ckpt` of an interrupted run with the same params, else None after clearing the
+    folder (stale checkpoints from other params must never be resumed)."""
+    last = checkpoint_dir / LAST_CHECKPOINT
+    hash_file = checkpoint_dir / PARAMS_HASH_FILE
+    why = "no last.ckpt"
+    if last.is_file() and hash_file.is_file() and hash_file.read_text().strip() == digest:
+        try:  # a checkpoint cut short by the kill itself must not stop the rerun
+            torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+            return last
+        except Exception as err:  # torch raises several types for truncated/corrupt files
+            why = f"{LAST_CHECKPOINT} cannot be loaded: {str(err).splitlines()[0][:200]}"
+    elif last.is_file():
+        why = "params changed"
+    if checkpoint_dir.exists():
+        print(f"training: discarding checkpoints in {checkpoint_dir} ({why}), starting fresh")
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    checkpoint_dir.mkdir(parents=True)
+    hash_file.write_text(digest + "\n")
+    return None
+
+
+def fit(module: ClassifierModule, data: pl.LightningDataModule, params: Params, stage: str,
+        epochs: int, checkpoint_dir: str | Path, patience: int | None = None,
+        callbacks: Sequence[pl.Callback] = ()) -> dict[str, float]:
+    """Train (resuming an interrupted run with the same params from its `last.ckpt`), restore
+    the best checkpoint's weights into `module`, return its val metrics. `callbacks` are extra
+    Lightning callbacks (e.g. a profiler or a fault injector in tests)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    resume = resume_checkpoint(checkpoint_dir, params_hash(params, stage, epochs, module, data))
+    # The version counter is off so a resumed run overwrites best.ckpt/last.ckpt in place
+    # instead of writing best-v1.ckpt beside a file it already tracks.
     best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val/loss",
-                           mode="min", save_top_k=1, save_weights_only=True)
-    callbacks = [best, TQDMProgressBar(refresh_rate=10)]
+                           mode="min", save_top_k=1, save_weights_only=True,
+                           enable_version_counter=False)
+    # Full state (optimizer, scheduler, loops, callbacks) after every epoch, one file
+    # rewritten in place (Lightning saves through an fsspec transaction: never half written).
+    last = ModelCheckpoint(dirpath=checkpoint_dir, filename=LAST_CHECKPOINT.removesuffix(".ckpt"),
+                           monitor=None, save_top_k=1, enable_version_counter=False)
+    callbacks = [best, last, EpochSeed(params.seed), TQDMProgressBar(refresh_rate=10),
+                 *callbacks]
     if patience:
         callbacks.append(EarlyStopping(monitor="val/loss", mode="min", patience=patience))
     t = params.trainer
@@ -128,7 +232,9 @@ def fit(module: ClassifierModule, data: pl.LightningDataModule, params: Params, 
             f"strategy={t.strategy!r}, num_nodes={t.num_nodes}, precision={t.precision!r}) "
             f"are not usable here: {err}") from None
     module.train()  # HF from_pretrained returns eval mode; Lightning keeps the mode it is given
-    trainer.fit(module, datamodule=data)
+    if resume is not None:
+        print(f"{stage}: resuming from {resume} (a previous run with the same params stopped)")
+    trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
     if best.best_model_path:
         state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
         module.load_state_dict(state["state_dict"])

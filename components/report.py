@@ -42,6 +42,7 @@ def plot_pareto(points: list[dict], path: Path, extra: list[dict] | None = None)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     latency_points = points + (extra or [])
     panels = [
@@ -65,6 +66,7 @@ def plot_pareto(points: list[dict], path: Path, extra: list[dict] | None = None)
         ax.plot([p[key] for p in line], [p["accuracy"] for p in line], color="tab:red",
                 lw=1, ls="--", label="Pareto front")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # no crowded minor tick labels
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)

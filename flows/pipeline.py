@@ -22,7 +22,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from flows import dvc, tasks
+from flows import dvc_ops as dvc
+from flows import tasks
 
 ARTIFACT_KEY = "still-pipeline"
 

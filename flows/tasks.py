@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
-from flows import dvc
+from flows import dvc_ops as dvc
 
 # Stages whose failures can be transient (network reads), with their retry count.
 STAGE_RETRIES = {"prepare": 2}

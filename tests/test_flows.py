@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows import dvc
+from flows import dvc_ops as dvc
 from flows.deploy import ENTRYPOINTS, NIGHTLY_CRON, deployments
 from flows.pipeline import ARTIFACT_KEY, pipeline
 from flows.sweep import expand_grid, parse_grid, sweep
@@ -152,3 +152,24 @@ def test_flows_never_import_torch():
     code = ("import sys, flows.pipeline, flows.sweep, flows.deploy, flows.tasks; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(ROOT))
+
+
+def test_flow_modules_do_not_shadow_installed_packages():
+    """A served deployment loads `flows/pipeline.py` by path, which puts flows/ first on
+    sys.path: a module there named like a package (flows/dvc.py once did) would replace it."""
+    import importlib.util
+
+    flows_dir = Path(__file__).resolve().parents[1] / "flows"
+    for module in flows_dir.glob("*.py"):
+        if module.stem != "__init__":
+            assert importlib.util.find_spec(module.stem) is None, (
+                f"flows/{module.name} shadows the installed package {module.stem!r}")
+
+
+def test_prefect_scheduler_gets_a_sqlalchemy_it_works_with():
+    """Prefect 3.8.8's scheduler cannot insert scheduled runs with SQLAlchemy 2.1 ("Can't
+    evaluate bulk DML statement"): a served cron deployment would never run."""
+    from importlib.metadata import version
+
+    major, minor = (int(x) for x in version("sqlalchemy").split(".")[:2])
+    assert (major, minor) < (2, 1), version("sqlalchemy")

@@ -68,13 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--out", default="reports", help="folder for experiments.md/.json/.png")
     rep.add_argument("--system", default="student_onnx",
                      help="evaluated system to compare (default: student_onnx)")
+    rep.add_argument("--all-commits", action="store_true",
+                     help="every commit and its experiments, not only HEAD's (dvc exp show -A)")
     args = parser.parse_args(argv)
 
     if args.command == "report":
         from components.report import write_experiments_report
 
         try:
-            path = write_experiments_report(args.repo, args.out, args.system)
+            path = write_experiments_report(args.repo, args.out, args.system, args.all_commits)
         except RuntimeError as err:
             print(f"still report: {err}", file=sys.stderr)
             return 2

@@ -199,11 +199,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def experiments(repo: str | Path = ".", metrics_file: str = METRICS_FILE) -> list[dict]:
-    """Workspace, HEAD and every DVC experiment with its evaluate metrics and changed params,
-    from `dvc exp show --json` (the same source as `dvc exp show`)."""
-    proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json", "-A"],
-                          cwd=repo, capture_output=True, text=True)
+def experiments(repo: str | Path = ".", metrics_file: str = METRICS_FILE,
+                all_commits: bool = False) -> list[dict]:
+    """Workspace, HEAD (every commit with `all_commits`) and their DVC experiments, each with
+    its evaluate metrics and params, from `dvc exp show --json` (what `dvc exp show` shows)."""
+    cmd = [sys.executable, "-m", "dvc", "exp", "show", "--json"] + (["-A"] if all_commits else [])
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"dvc exp show failed in {repo}: {proc.stderr.strip()[-1000:]}")
     rows = []
@@ -213,7 +214,8 @@ def experiments(repo: str | Path = ".", metrics_file: str = METRICS_FILE) -> lis
         metrics = ((data.get("metrics") or {}).get(metrics_file) or {}).get("data")
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
         if metrics:
-            name = entry.get("name") or data.get("name") or entry.get("rev", "?")[:7]
+            rev = entry.get("rev") or "?"
+            name = entry.get("name") or (rev[:7] if len(rev) == 40 else rev)
             rows.append({"experiment": name, "rev": data.get("rev") or entry.get("rev"),
                          "baseline": parent, "metrics": metrics, "params": _flatten(params)})
         for exp in entry.get("experiments") or []:
@@ -244,9 +246,9 @@ def compare(rows: list[dict], system: str = "student_onnx") -> tuple[list[dict],
 
 
 def write_experiments_report(repo: str | Path, out_dir: str | Path,
-                             system: str = "student_onnx") -> Path:
+                             system: str = "student_onnx", all_commits: bool = False) -> Path:
     """`still report`: experiments.md (table), experiments.json and experiments.png."""
-    rows = experiments(repo)
+    rows = experiments(repo, all_commits=all_commits)
     if not rows:
         raise RuntimeError(f"no experiment in {repo} has {METRICS_FILE} yet: run `dvc repro` or "
                            "`still sweep` first")

@@ -154,16 +154,17 @@ def test_flows_never_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(ROOT))
 
 
-def test_flow_modules_do_not_shadow_installed_packages():
+def test_flow_modules_do_not_shadow_installed_packages(tmp_path):
     """A served deployment loads `flows/pipeline.py` by path, which puts flows/ first on
-    sys.path: a module there named like a package (flows/dvc.py once did) would replace it."""
-    import importlib.util
-
+    sys.path: a module there named like a package (flows/dvc.py once did) would replace it.
+    Checked in a fresh interpreter (this one may already have flows/ on its path)."""
     flows_dir = Path(__file__).resolve().parents[1] / "flows"
-    for module in flows_dir.glob("*.py"):
-        if module.stem != "__init__":
-            assert importlib.util.find_spec(module.stem) is None, (
-                f"flows/{module.name} shadows the installed package {module.stem!r}")
+    names = sorted(m.stem for m in flows_dir.glob("*.py") if m.stem != "__init__")
+    probe = ("import importlib.util, sys; "
+             "print([n for n in sys.argv[1:] if importlib.util.find_spec(n) is not None])")
+    out = subprocess.run([sys.executable, "-c", probe, *names], cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert "dvc_ops" in names and out == "[]", f"flows/ modules shadowing packages: {out}"
 
 
 def test_prefect_scheduler_gets_a_sqlalchemy_it_works_with():

@@ -97,6 +97,15 @@ class Tokenizer(_Section):
                              f"{list(SPECIAL_TOKENS)} so the tokenizer learns any real token")
         return v
 
+    @model_validator(mode="after")
+    def _bpe_has_room_beyond_its_bytes(self) -> Tokenizer:
+        floor = 256 + len(SPECIAL_TOKENS)  # byte-level BPE starts from all 256 bytes
+        if self.type == "bpe" and self.vocab_size <= floor:
+            raise ValueError(f"tokenizer.vocab_size={self.vocab_size} leaves byte-level BPE no "
+                             f"merges: it starts from 256 byte tokens + {len(SPECIAL_TOKENS)} "
+                             f"special tokens; use more than {floor} (or type wordpiece)")
+        return self
+
 
 class _Optim(_Section):
     epochs: int = Field(ge=1)

@@ -126,6 +126,7 @@ def make_tiny_teacher(folder: Path) -> Path:
 
 TINY_OVERRIDES = {
     "trainer.num_threads": 1,
+    "tokenizer.type": "wordpiece",  # byte-level BPE (the default) needs > 261 tokens
     "tokenizer.vocab_size": 120,
     "tokenizer.min_frequency": 1,
     "teacher.epochs": 30,

@@ -68,3 +68,11 @@ def test_cli_validate_reports_problems(tmp_path, capsys):
     assert "divisible by heads" in capsys.readouterr().err
     assert dvc_command([]) == ["dvc", "repro"]
     assert dvc_command(["distill.layers=2"]) == ["dvc", "exp", "run", "-S", "distill.layers=2"]
+
+
+def test_byte_level_bpe_needs_room_beyond_its_256_bytes():
+    with pytest.raises(ParamsError, match=r"byte-level BPE.*more than 261"):
+        load_params(ROOT / "params.yaml", {"tokenizer.type": "bpe", "tokenizer.vocab_size": 200})
+    ok = load_params(ROOT / "params.yaml", {"tokenizer.type": "wordpiece",
+                                             "tokenizer.vocab_size": 200})
+    assert ok.tokenizer.vocab_size == 200

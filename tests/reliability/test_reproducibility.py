@@ -38,7 +38,7 @@ def test_tokenizer_rerun_is_byte_identical(tmp_path, dataset_csv, tiny_teacher, 
     import sys
 
     params = validate(tiny_raw_params(tmp_path, dataset_csv, tiny_teacher,
-                                      **{"tokenizer.type": kind}))
+                                      **{"tokenizer.type": kind, "tokenizer.vocab_size": 300}))
     tok = Path(params.paths.tokenizer)
     prepare.run(params)
     script = ("import sys; from components import tokenizer; "

@@ -75,10 +75,9 @@ def choose(points: list[dict], target_accuracy: float) -> dict | None:
 
 def plot(points: list[dict], chosen: dict | None, target: float, student_ms: float,
          teacher_ms: float, teacher_acc: float, path) -> None:
-    import matplotlib
+    from components.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     fr = [p["deferred_fraction"] for p in points]

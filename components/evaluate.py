@@ -213,10 +213,7 @@ def ratios(systems: dict[str, dict]) -> dict[str, float]:
 
 
 def plot(points: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for p in points:
@@ -274,7 +271,8 @@ def run(params: Params) -> dict:
     casc = run_cascade(params, results, labels)
     best = best_student(results)
     best_preds = results[best]["logits"].argmax(-1)
-    logits = {name: r.pop("logits") for name, r in results.items()}
+    for r in results.values():
+        r.pop("logits")  # arrays: used above, not metrics
     metrics = {"test_examples": len(texts), "systems": results, "ratios": ratios(results),
                "tensorrt": trt_skip or "evaluated"}
     points = [{"system": name, **{k: v for k, v in r.items() if k != "runtime"}}
@@ -318,7 +316,6 @@ def run(params: Params) -> dict:
         report.html_report(md, images, out / report.REPORT_HTML)
         write_json(out / "environment.json", environment(params))
         log_to_wandb(params, metrics, points, casc, out, images)
-    del logits
     return metrics
 
 

@@ -23,6 +23,16 @@ REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (stages run without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def pareto_front(points: list[dict], x: str, maximize_x: bool, y: str = "accuracy") -> list[str]:
     """Names (`system`) of the non-dominated points, sorted along x."""
     sign = 1.0 if maximize_x else -1.0
@@ -38,12 +48,9 @@ def pareto_front(points: list[dict], x: str, maximize_x: bool, y: str = "accurac
 def plot_pareto(points: list[dict], path: Path, extra: list[dict] | None = None) -> dict:
     """Accuracy vs throughput, vs size and vs latency (with cascade points in `extra`), the
     front drawn in each panel. Returns the fronts by axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
+    plt = pyplot()
     latency_points = points + (extra or [])
     panels = [
         ("throughput_per_s", True, "throughput (examples/s, log)", points),
@@ -81,12 +88,9 @@ def plot_pareto(points: list[dict], path: Path, extra: list[dict] | None = None)
 def confusion(labels: np.ndarray, preds: np.ndarray, names: list[str], title: str,
               path: Path) -> dict:
     """Confusion matrix PNG and per-class precision/recall/F1 for one system."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+    plt = pyplot()
     ids = list(range(len(names)))
     cm = confusion_matrix(labels, preds, labels=ids)
     p, r, f, support = precision_recall_fscore_support(labels, preds, labels=ids,
@@ -263,10 +267,7 @@ def write_experiments_report(repo: str | Path, out_dir: str | Path,
     (out / "experiments.md").write_text("\n".join(md) + "\n")
     (out / "experiments.json").write_text(json.dumps(table, indent=2) + "\n")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     pts = [r for r in table if r["accuracy"] is not None and r["throughput_per_s"]]

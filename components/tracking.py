@@ -17,8 +17,6 @@ from typing import Any
 from components.common import redact
 from components.config import Params
 
-__all__ = ["init_kwargs", "lightning_logger", "redact", "start_run", "wandb_mode"]
-
 
 def wandb_mode(params: Params) -> str:
     return os.environ.get("WANDB_MODE") or params.tracking.mode

@@ -75,8 +75,8 @@ def publish(repo: str, stages: list[dict], metrics: dict, overrides: dict) -> No
     # The evaluate stage's own report (systems, ratios, Pareto fronts, cascade, per-class F1),
     # one heading level down; older outputs without it get the plain tables.
     report = evaluate_dir / "report.md"
-    body = ([report.read_text().replace("\n#", "\n##").replace("# Evaluation", "## Evaluation",
-                                                                  1)]
+    body = (["\n".join("#" + line if line.startswith("#") else line
+                        for line in report.read_text().splitlines())]
             if report.is_file() else
             ["## Systems on the test split", tasks.markdown_table(systems),
              "## Ratios", tasks.markdown_table([metrics["ratios"]])])

@@ -26,12 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from components import export
+from components.artifacts import STUDENT_FP32
 from components.common import PARAMS_FILE, StageError, read_json, redact
-from components.config import apply_overrides, load_params, validate
+from components.config import apply_overrides, load_params, stage_params, validate
 from components.distill import student as student_io
 from components.distill import train as distill
 from components.flops import encoder_flops
 from components.prepare import load_split
+from components.runtimes import ort_session
 from components.textdata import encode, pad_batch, pad_id
 from components.tokenizer import TOKENIZER_FILE
 
@@ -49,7 +51,8 @@ def _already_trained(p) -> dict | None:
     """The metrics of a student this script trained before with exactly these params."""
     folder = Path(p.paths.student)
     try:
-        if read_json(folder / PARAMS_FILE) == json.loads(json.dumps(redact(p.to_dict()))):
+        if read_json(folder / PARAMS_FILE) == json.loads(json.dumps(redact(
+                stage_params(p, "distill")))):
             return read_json(folder / "metrics.json")
     except StageError:
         pass
@@ -111,8 +114,7 @@ def main() -> None:
         batches = [pad_batch(ids[i : i + args.batch_size], pad_id(tok), cfg.min_tokens())
                    for i in range(0, len(ids), args.batch_size)]
         feeds = [{"input_ids": x.numpy(), "attention_mask": m.numpy()} for x, m in batches]
-        sess = export.session(Path(p.paths.export) / export.FP32_FILE,
-                              params.evaluate.num_threads)
+        sess = ort_session(Path(p.paths.export) / STUDENT_FP32, params.evaluate.num_threads)
         logits = np.concatenate([sess.run(["logits"], f)[0] for f in feeds])
         merge = {layer: cfg.merge_r for layer in cfg.merging_layers()}
         flops = np.mean([encoder_flops(len(x), cfg.layers, cfg.hidden, cfg.intermediate,

@@ -1,6 +1,6 @@
 """Teacher/student cascade: the student answers the inputs it is sure of, the teacher the rest.
 
-For one test split, given the student's and the teacher's logits and their measured latencies:
+Given the student's and the teacher's logits on one split and their measured costs:
 
 - **confidence** of the student per example, in [0, 1], by `evaluate.cascade.confidence`:
   `max_prob` (largest softmax probability), `margin` (top-1 minus top-2 probability) or
@@ -8,32 +8,27 @@ For one test split, given the student's and the teacher's logits and their measu
 - an example is **deferred** to the teacher when its confidence is below the threshold `t`;
   `t = 0` never defers (the student alone), `t >= 1` defers everything (the teacher alone, since
   the student has already run: its cost is paid first, as in a real cascade);
-- **expected cost** per example = student latency + deferred fraction * teacher latency (both
-  measured p50 at `evaluate.latency_batch_size`), so the curve is in milliseconds, not guesses;
-- the **chosen threshold** is the cheapest one whose accuracy reaches
-  `evaluate.cascade.target_accuracy` (or, when that is None, the teacher's own accuracy minus
-  `evaluate.cascade.tolerance`); when no threshold reaches it, none is chosen and the report
-  says so.
+- **expected cost** per example = student cost + deferred fraction * teacher cost, where each
+  cost is the measured end-to-end time per example (tokenisation included) at the deployment
+  batch size, so the curve is in milliseconds, not guesses;
+- the **chosen threshold** is the cheapest one whose accuracy reaches the target on the
+  *validation* split (evaluate then reports that threshold once on test, where it was not
+  chosen); when no threshold reaches it, none is chosen and the report says so.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import softmax
 
 CONFIDENCES = ("max_prob", "margin", "entropy")
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(-1, keepdims=True)
 
 
 def confidence(logits: np.ndarray, kind: str) -> np.ndarray:
     """Per-example confidence in [0, 1] (see the module docstring)."""
     if kind not in CONFIDENCES:
         raise ValueError(f"confidence must be one of {CONFIDENCES}, got {kind!r}")
-    p = softmax(np.asarray(logits, dtype=np.float64))
+    p = softmax(np.asarray(logits, dtype=np.float64), axis=-1)
     if kind == "max_prob":
         return p.max(-1)
     if kind == "margin":
@@ -44,23 +39,35 @@ def confidence(logits: np.ndarray, kind: str) -> np.ndarray:
     return 1.0 - h / np.log(c) if c > 1 else np.ones(len(p))
 
 
+def deferred(student_logits: np.ndarray, kind: str, threshold: float) -> np.ndarray:
+    """Which examples go to the teacher at `threshold` (all of them at >= 1)."""
+    conf = confidence(student_logits, kind)
+    return np.ones_like(conf, dtype=bool) if threshold >= 1 else conf < threshold
+
+
+def predictions(student_logits: np.ndarray, teacher_logits: np.ndarray, kind: str,
+                threshold: float) -> np.ndarray:
+    """The cascade's predicted classes at one threshold."""
+    defer = deferred(student_logits, kind, threshold)
+    return np.where(defer, teacher_logits.argmax(-1), student_logits.argmax(-1))
+
+
 def curve(student_logits: np.ndarray, teacher_logits: np.ndarray, labels: np.ndarray,
           student_ms: float, teacher_ms: float, kind: str,
           thresholds: list[float]) -> list[dict]:
-    """One point per threshold: accuracy, fraction deferred, expected latency per example."""
-    conf = confidence(student_logits, kind)
-    s_pred, t_pred = student_logits.argmax(-1), teacher_logits.argmax(-1)
+    """One point per threshold: accuracy, fraction deferred, expected cost per example."""
     points = []
     for t in sorted(set(float(x) for x in thresholds)):
-        defer = np.ones_like(conf, dtype=bool) if t >= 1 else conf < t
-        pred = np.where(defer, t_pred, s_pred)
+        defer = deferred(student_logits, kind, t)
+        pred = predictions(student_logits, teacher_logits, kind, t)
         frac = float(defer.mean())
+        cost = student_ms + frac * teacher_ms
         points.append({
             "threshold": t,
             "accuracy": float((pred == labels).mean()),
             "deferred_fraction": frac,
-            "expected_latency_ms": student_ms + frac * teacher_ms,
-            "speedup_vs_teacher": teacher_ms / (student_ms + frac * teacher_ms),
+            "expected_ms_per_example": cost,
+            "speedup_vs_teacher": teacher_ms / cost,
         })
     return points
 
@@ -70,38 +77,47 @@ def choose(points: list[dict], target_accuracy: float) -> dict | None:
     ok = [p for p in points if p["accuracy"] >= target_accuracy - 1e-12]
     if not ok:
         return None
-    return min(ok, key=lambda p: (p["expected_latency_ms"], -p["accuracy"]))
+    return min(ok, key=lambda p: (p["expected_ms_per_example"], -p["accuracy"]))
 
 
-def plot(points: list[dict], chosen: dict | None, target: float, student_ms: float,
-         teacher_ms: float, teacher_acc: float, path) -> None:
+def plot(val_points: list[dict], points: list[dict], chosen: dict | None, target: float,
+         student_ms: float, teacher_ms: float, teacher_acc: float, teacher_name: str,
+         path) -> None:
+    """Left: accuracy vs deferral on validation (where the threshold is chosen) and test.
+    Right: test accuracy vs expected cost, the student and the teacher alone, the target."""
     from components.report import pyplot
 
     plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    fr = [p["deferred_fraction"] for p in points]
-    acc = [p["accuracy"] for p in points]
-    cost = [p["expected_latency_ms"] for p in points]
-    left.plot(fr, acc, marker="o", ms=3)
+    for pts, label, style in ((val_points, "validation (threshold chosen here)", "--"),
+                              (points, "test (reported)", "-")):
+        left.plot([p["deferred_fraction"] for p in pts], [p["accuracy"] for p in pts],
+                  marker="o", ms=3, ls=style, label=label)
+    left.axhline(target, color="grey", ls=":", lw=1, label=f"validation target {target:.3f}")
     left.set_xlabel("fraction deferred to the teacher")
-    left.set_ylabel("test accuracy")
+    left.set_ylabel("accuracy")
     left.set_title("Cascade: accuracy vs deferral")
-    right.plot(cost, acc, marker="o", ms=3, label="cascade thresholds")
+    left.legend(fontsize=8, loc="lower right")
+    cost = [p["expected_ms_per_example"] for p in points]
+    right.plot(cost, [p["accuracy"] for p in points], marker="o", ms=3,
+               label="cascade thresholds (test)")
     right.scatter([student_ms], [points[0]["accuracy"]], marker="s", color="tab:green",
                   label="student alone", zorder=3)
     right.scatter([teacher_ms], [teacher_acc], marker="^", color="tab:red",
-                  label="teacher alone", zorder=3)
-    right.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:.3f}")
+                  label=f"{teacher_name} alone", zorder=3)
     if chosen:
-        for ax, x in ((left, chosen["deferred_fraction"]), (right, chosen["expected_latency_ms"])):
-            ax.scatter([x], [chosen["accuracy"]], s=120, facecolors="none", edgecolors="black",
-                       zorder=4)
+        left.scatter([chosen["validation_deferred_fraction"], chosen["deferred_fraction"]],
+                     [chosen["validation_accuracy"], chosen["accuracy"]], s=120,
+                     facecolors="none", edgecolors="black", zorder=4)
+        right.scatter([chosen["expected_ms_per_example"]], [chosen["accuracy"]], s=120,
+                      facecolors="none", edgecolors="black", zorder=4)
         right.annotate(f"t={chosen['threshold']:.2f}",
-                       (chosen["expected_latency_ms"], chosen["accuracy"]),
+                       (chosen["expected_ms_per_example"], chosen["accuracy"]),
                        textcoords="offset points", xytext=(6, -12), fontsize=9)
-    right.set_xlabel("expected latency per example (ms, measured)")
-    right.set_title("Cascade: accuracy vs cost")
+    right.set_xlabel("expected ms per example (end to end, measured)")
+    right.set_ylabel("test accuracy")
+    right.set_title("Cascade on test: accuracy vs cost")
     right.legend(fontsize=8, loc="lower right")
     for ax in (left, right):
         ax.grid(alpha=0.3)

@@ -20,8 +20,18 @@ import argparse
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
-from components.config import DEFAULT_PARAMS, ParamsError, load_params, parse_override
+from components.common import StageError, resolve_location
+from components.config import (
+    DEFAULT_PARAMS,
+    Params,
+    ParamsError,
+    layer_map_problem,
+    load_params,
+    parse_override,
+    teacher_layer_count,
+)
 
 
 def _overrides(items: list[str]) -> dict:
@@ -37,6 +47,26 @@ def dvc_command(sets: list[str], extra: list[str] | None = None) -> list[str]:
     for item in sets:
         cmd += ["-S", item]
     return cmd + (extra or [])
+
+
+def teacher_problems(params: Params, root: Path) -> list[str]:
+    """Best effort, never a download: check what params validation cannot know alone against
+    the teacher on disk (the teacher stage's output, else a local or `pkg:` teacher.model).
+    Today that is `distill.feature.layer_map` against the teacher's depth."""
+    if not params.distill.feature.layer_map:
+        return []
+    candidates = [root / params.paths.teacher]
+    try:
+        model = resolve_location(params.teacher.model)  # pkg: via find_spec, no import
+        candidates.append(root / model)  # an absolute path stays as it is
+    except StageError:
+        pass  # not installed: the teacher stage says so
+    for folder in candidates:
+        layers = teacher_layer_count(folder)
+        if layers is not None:
+            problem = layer_map_problem(params.distill.feature.layer_map, layers, str(folder))
+            return [problem] if problem else []
+    return []
 
 
 FLOW_COMMANDS = {"run": "flows.pipeline", "sweep": "flows.sweep", "serve": "flows.deploy"}
@@ -87,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params, _overrides(args.sets))
     except ParamsError as err:
         print(f"still: {err}", file=sys.stderr)
+        return 2
+    problems = teacher_problems(params, Path(args.params).resolve().parent)
+    if problems:
+        print(f"still: {args.params} has {len(problems)} problem(s):\n"
+              + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
         return 2
     if args.command == "validate":
         print(f"{args.params}: ok ({len(params.to_dict())} sections)")

@@ -19,9 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from components.config import Params, ParamsError, load_params
+from components.config import Params, ParamsError, load_params, stage_params
 
 PARAMS_FILE = "params.json"
+# An existing folder holding any of these at its top level is a project, a package or a
+# repository, never a stage's earlier output: atomic_dir refuses to replace it (a second line of
+# defence behind config.path_problems, which refuses such paths.* values up front).
+NOT_AN_OUTPUT = (".git", ".dvc", "dvc.yaml", "params.yaml", "__init__.py")
+DEBUG_ENV = "STILL_DEBUG"
 REDACTED = "***"
 # Name segments (split on _ - . and camelCase) that mark a secret: `api_key`, `accessToken`,
 # `WANDB_API_KEY`, but not plain words that merely contain one, like `tokenizer`.
@@ -138,21 +143,28 @@ def read_json(path: str | Path) -> Any:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | Path, params: Params | None = None) -> Iterator[Path]:
+def atomic_dir(final: str | Path, params: Params | None = None,
+               stage: str | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success it replaces `final` in one rename.
 
     On any error the temporary folder is removed and `final` (the previous good output) is left
     as it was. The resolved params (secrets redacted) are written into the folder so every
-    artifact says how it was made.
+    artifact says how it was made: with `stage`, only the params that stage declares in
+    dvc.yaml (`config.STAGE_PARAMS`), so the output's hash does not follow other stages'
+    params. An existing `final` that is a file, or a folder holding any of NOT_AN_OUTPUT at its
+    top level (source code, a repository), is refused with a StageError before anything is
+    written.
     """
     final = Path(final)
+    refuse_to_replace(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     os.chmod(tmp, _umask_mode(0o777))
     try:
         yield tmp
         if params is not None:
-            write_json(tmp / PARAMS_FILE, redact(params.to_dict()))
+            values = params.to_dict() if stage is None else stage_params(params, stage)
+            write_json(tmp / PARAMS_FILE, redact(values))
         old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -165,6 +177,20 @@ def atomic_dir(final: str | Path, params: Params | None = None) -> Iterator[Path
         raise
 
 
+def refuse_to_replace(final: Path) -> None:
+    """Raise StageError when `final` exists and is not something a stage could have written."""
+    if final.is_symlink() or not final.exists():
+        return  # a link is replaced, not its target
+    if not final.is_dir():
+        raise StageError(f"{final} is an existing file, not an output folder; refusing to "
+                         "replace it: point the paths.* entry at a folder of its own")
+    found = [name for name in NOT_AN_OUTPUT if (final / name).exists()]
+    if found:
+        raise StageError(f"{final} holds {', '.join(found)}: it is source code or a project, "
+                         "not a stage output; refusing to replace it: point the paths.* entry "
+                         "at a folder of its own")
+
+
 def file_size(path: str | Path) -> int:
     path = Path(path)
     if path.is_dir():
@@ -174,11 +200,25 @@ def file_size(path: str | Path) -> int:
 
 def stage_main(name: str, run: Callable[[Params], Any]) -> None:
     """Entry point of `python -m components.<stage>`: read params.yaml, run, report the time.
-    Expected failures (bad params, bad input) print one clear line and exit with status 2."""
+
+    Any failure prints one `<stage>: error: ...` line on stderr and exits with status 2:
+    ParamsError/StageError with their message (they already say what to fix), anything else
+    (a library's error on unreadable input, say) as `<Type>: <first line>` plus a hint.
+    With STILL_DEBUG=1 the exception propagates with its full traceback. KeyboardInterrupt
+    and SystemExit are not caught.
+    """
     start = time.perf_counter()
     try:
         run(load_params())
-    except (ParamsError, StageError) as err:
-        print(f"{name}: error: {err}", file=sys.stderr)
+    except Exception as err:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        if isinstance(err, ParamsError | StageError):
+            print(f"{name}: error: {err}", file=sys.stderr)
+        else:
+            first = next(iter(str(err).strip().splitlines()), "")
+            print(f"{name}: error: {type(err).__name__}" + (f": {first}" if first else ""),
+                  file=sys.stderr)
+            print(f"{name}: rerun with {DEBUG_ENV}=1 to see the traceback", file=sys.stderr)
         sys.exit(2)
     print(f"{name}: done in {time.perf_counter() - start:.1f} s")

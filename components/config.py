@@ -7,8 +7,10 @@ message names each offending key, so a user fixes params.yaml in one pass.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -16,20 +18,63 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 DEFAULT_PARAMS = Path("params.yaml")
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# Lightning's accepted `precision=` values, copied from lightning_fabric.plugins.precision.precision
+# (_PRECISION_INPUT_STR, _PRECISION_INPUT_INT and the legacy _PRECISION_INPUT_STR_ALIAS), so a typo
+# fails here instead of at the start of training; importing Lightning would take seconds.
+LightningPrecision = Literal[
+    "16-mixed", "bf16-mixed", "32-true", "64-true", "16-true", "bf16-true",
+    "transformer-engine", "transformer-engine-float16",
+    16, 32, 64, "16", "32", "64", "bf16",
+]
+# Top-level entries of the project that a stage output must never be or sit in: every stage
+# replaces its whole output folder (components/common.py atomic_dir).
+PROTECTED_ENTRIES = ("components", "flows", "tests", "infra", "benchmarks", ".git", ".dvc",
+                     "params.yaml", "dvc.yaml", "dvc.lock", "pyproject.toml")
 
 
 class ParamsError(ValueError):
     """params.yaml (or an override) is invalid; the message lists every problem with its key."""
 
 
+def _mentions(annotation: Any, kinds: tuple[type, ...]) -> bool:
+    """Whether a type annotation names one of `kinds` anywhere (`int | None`, `dict[int, int]`)."""
+    if annotation in kinds:
+        return True
+    return any(_mentions(arg, kinds) for arg in get_args(annotation))
+
+
+def _holds_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_bool(k) or _holds_bool(v) for k, v in value.items())
+    return isinstance(value, list | tuple) and any(_holds_bool(v) for v in value)
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.inf`/`.nan` pass every `gt=`/`ge=` bound (nan compares false both
+    # ways, inf is "greater than 0"), yet no learning rate, tolerance or weight can be infinite.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic's lax mode reads `true` as 1 for an int or float field, and YAML 1.1 reads
+        `yes`/`on` (e.g. `--set distill.epochs=yes`) as true: refuse a boolean wherever the field
+        takes numbers and no booleans. (`strict=True` would also refuse `2.0` for an int and an
+        int for a float, which YAML produces all the time.)"""
+        annotation = cls.model_fields[info.field_name].annotation
+        if (_holds_bool(value) and _mentions(annotation, (int, float))
+                and not _mentions(annotation, (bool,))):
+            raise ValueError("expected a number, not a boolean (true/false/yes/no/on/off)")
+        return value
 
 
 class Paths(_Section):
@@ -56,8 +101,15 @@ class Trainer(_Section):
     # ("auto", "ddp", "fsdp", "deepspeed", ...); no custom distributed code here.
     strategy: str = "auto"
     num_nodes: int = Field(1, ge=1)
-    precision: str = "32-true"
+    precision: LightningPrecision = "32-true"
     num_threads: int = Field(2, ge=1)
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("is empty: an empty location means the working folder, i.e. the "
+                         "project itself; name a file, folder, URI, hub id or pkg:MODULE/path")
+    return value
 
 
 class Prepare(_Section):
@@ -73,6 +125,8 @@ class Prepare(_Section):
     # skip: drop bad rows (malformed, undecodable, empty, unlabeled, classes too small to split)
     # and count them in report.json; error: stop, naming them.
     on_bad_rows: Literal["skip", "error"] = "skip"
+
+    _source_not_blank = field_validator("source")(_not_blank)
 
     @model_validator(mode="after")
     def _fractions_leave_a_train_split(self) -> Prepare:
@@ -120,6 +174,8 @@ class Teacher(_Optim):
     model: str
     finetune: Literal["auto", "always", "never"] = "auto"
     eval_batch_size: int = Field(64, ge=1)
+
+    _model_not_blank = field_validator("model")(_not_blank)
 
 
 class Merge(_Section):
@@ -182,6 +238,10 @@ class Distill(_Optim):
         if bad_map:
             problems.append(f"distill.feature.layer_map: student layers {bad_map} outside "
                             f"0..{self.layers - 1}")
+        negative = sorted(t for t in self.feature.layer_map.values() if t < 0)
+        if negative:
+            problems.append(f"distill.feature.layer_map: teacher layers {negative} are negative "
+                            "(0 = embeddings, 1.. = transformer layers)")
         if len(problems) == 1:
             raise ValueError(problems[0])
         if problems:
@@ -221,12 +281,21 @@ class Export(_Section):
     parity_batches: int = Field(4, ge=1)
     parity_batch_size: int = Field(16, ge=1)
     int8: bool = True
+    teacher: bool = True  # also export the fine-tuned teacher (the baseline a user would deploy)
+    ort_optimize: bool = False  # ORT transformer optimizer on the FP32 graphs (measured slower)
     tensorrt: TensorRT = TensorRT()
+
+
+# The systems evaluate can build (TensorRT ones only where an engine was built and runs).
+TEACHER_SYSTEMS = ("teacher", "teacher_onnx", "teacher_onnx_int8")
+STUDENT_SYSTEMS = ("student", "student_onnx", "student_onnx_int8", "student_trt_fp16",
+                   "student_trt_int8")
 
 
 class Cascade(_Section):
     enabled: bool = True
-    student: str = "student_onnx"  # the evaluated system that answers first
+    # The student system that answers first; the teacher is the best teacher runtime.
+    student: Literal[STUDENT_SYSTEMS] = "student_onnx_int8"
     confidence: Literal["max_prob", "margin", "entropy"] = "max_prob"
     thresholds: int = Field(51, ge=2)  # evenly spaced in [0, 1]
     target_accuracy: float | None = Field(None, ge=0, le=1)  # None: teacher's minus tolerance
@@ -238,13 +307,14 @@ class Evaluate(_Section):
     latency_examples: int = Field(100, ge=1)
     warmup: int = Field(10, ge=0)
     throughput_batch_size: int = Field(32, ge=1)
-    repeats: int = Field(3, ge=1)  # timed passes; the median is reported
+    repeats: int = Field(5, ge=5)  # timed rounds; medians and IQRs over rounds are reported
     num_threads: int = Field(2, ge=1)
+    bootstrap: int = Field(1000, ge=1000)  # resamples for the 95% intervals
     cascade: Cascade = Cascade()
 
 
 class Params(_Section):
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**32)  # numpy's seeds are unsigned 32-bit
     paths: Paths
     tracking: Tracking = Tracking()
     trainer: Trainer = Trainer()
@@ -257,6 +327,53 @@ class Params(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+# The params each stage declares in dvc.yaml (tests/test_contract.py keeps the two equal). The
+# params.json beside a stage's output holds exactly these, so a change to another stage's params
+# never changes this output's hash (and never reruns the stages downstream of it).
+STAGE_PARAMS: dict[str, tuple[str, ...]] = {
+    "prepare": ("seed", "prepare"),
+    "tokenizer": ("tokenizer", "teacher.model", "distill.max_length"),
+    "teacher": ("seed", "trainer", "teacher"),
+    "distill": ("seed", "trainer", "distill"),
+    "export": ("export", "distill.max_length", "teacher.max_length"),
+    "evaluate": ("seed", "evaluate", "teacher.max_length", "distill.max_length"),
+}
+
+
+def stage_params(params: Params, stage: str) -> dict[str, Any]:
+    """The part of `params` that `stage` declares (STAGE_PARAMS), nested as in params.yaml."""
+    full, out = params.to_dict(), {}
+    for dotted in STAGE_PARAMS[stage]:
+        src, dst, parts = full, out, dotted.split(".")
+        for part in parts[:-1]:
+            src, dst = src[part], dst.setdefault(part, {})
+        dst[parts[-1]] = src[parts[-1]]
+    return out
+
+
+def teacher_layer_count(folder: str | Path) -> int | None:
+    """Transformer layers of the Hugging Face model in `folder` (its config.json), or None when
+    the folder holds no readable config (a hub id, a teacher not trained yet)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):  # BERT-likes, GPT-2, T5
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def layer_map_problem(layer_map: dict[int, int], teacher_layers: int, teacher: str) -> str | None:
+    """`distill.feature.layer_map` values index the teacher's hidden states: 0 is the embedding
+    output, 1..teacher_layers its transformer layers."""
+    bad = sorted({t for t in layer_map.values() if not 0 <= t <= teacher_layers})
+    if not bad:
+        return None
+    return (f"distill.feature.layer_map: teacher layers {bad} outside 0..{teacher_layers} "
+            f"(the teacher in {teacher} has {teacher_layers} layers; 0 = embeddings)")
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -302,12 +419,89 @@ def format_errors(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def validate(raw: dict[str, Any], origin: str = "params") -> Params:
+def path_problems(paths: Any, root: Path | None = None) -> list[str]:
+    """Every `paths.*` entry a stage could not safely replace, as `paths.x: why (got ...)`.
+
+    Each stage swaps its whole output folder for a new one, so an entry must not be empty, nor
+    equal to, inside or around another entry (one stage would delete another's output). With
+    `root` (the folder holding params.yaml, i.e. the project), an entry must also be relative,
+    stay inside the project, and be neither the project itself nor a source/control entry of it
+    (PROTECTED_ENTRIES). Without a root (params built in code, e.g. tests on temp folders)
+    only the first rules apply; relative entries are then taken from the working folder.
+    """
+    if not isinstance(paths, dict):
+        return []  # a missing or mistyped section is reported by pydantic
+    problems, resolved = [], {}
+    # Lexical, like the stage's own rename of that path: `..` is folded, symlinks are kept (an
+    # `artifacts` link to a bigger disk is fine; the rename replaces a link, not its target).
+    base = Path(os.path.abspath(root or Path.cwd()))
+    for key in Paths.model_fields:
+        value = paths.get(key)
+        if not isinstance(value, str):
+            continue
+        name, got = f"paths.{key}", f"(got {value!r})"
+        if not value.strip():
+            problems.append(f"{name}: is empty: the stage would replace the working folder, "
+                            f"i.e. the project, with its output; name a folder {got}")
+            continue
+        where = Path(os.path.normpath(base / value))
+        if root is not None:
+            if Path(value).is_absolute():
+                problems.append(f"{name}: must be relative to the project folder {base} "
+                                f"(an absolute path can point anywhere and ties the pipeline "
+                                f"to this machine) {got}")
+                continue
+            if not where.is_relative_to(base):
+                problems.append(f"{name}: resolves to {where}, outside the project folder "
+                                f"{base}; outputs stay inside the project {got}")
+                continue
+            if where == base:
+                problems.append(f"{name}: is the project folder itself; the stage replaces its "
+                                f"output folder and would delete the project {got}")
+                continue
+            inside = where.relative_to(base).parts
+            if inside[0] in PROTECTED_ENTRIES:
+                what = "is" if len(inside) == 1 else "is inside"
+                problems.append(f"{name}: {what} {inside[0]}, one of the project's source or "
+                                f"control entries; the stage replaces its output folder and "
+                                f"would delete it {got}")
+                continue
+        resolved[key] = where
+    keys = list(resolved)
+    for i, key in enumerate(keys):
+        same = [k for k in keys[:i] if resolved[k] == resolved[key]]
+        inner = [k for k in keys if resolved[k] != resolved[key]
+                 and resolved[k].is_relative_to(resolved[key])]
+        if same:
+            problems.append(f"paths.{key}: is the same folder as "
+                            + ", ".join(f"paths.{k}" for k in same)
+                            + f"; one stage would replace the other's output "
+                            f"(got {paths[key]!r})")
+        if inner:
+            problems.append(f"paths.{key}: contains "
+                            + ", ".join(f"paths.{k} ({paths[k]!r})" for k in inner)
+                            + f"; the stage writing paths.{key} replaces the whole folder and "
+                            f"would delete them (got {paths[key]!r})")
+    return problems
+
+
+def validate(raw: dict[str, Any], origin: str = "params", root: Path | None = None) -> Params:
+    """Validate raw params; every problem (pydantic's and `path_problems`) in one ParamsError.
+
+    `root` is the project folder (where params.yaml lives); `load_params` passes it so output
+    paths are also checked against the project (see `path_problems`).
+    """
+    params, lines, n = None, [], 0
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as err:
-        n = len(err.errors())
-        raise ParamsError(f"{origin} has {n} problem(s):\n{format_errors(err)}") from None
+        n, lines = len(err.errors()), [format_errors(err)]
+    paths = path_problems(raw.get("paths"), root)
+    n += len(paths)
+    lines += [f"  - {p}" for p in paths]
+    if n:
+        raise ParamsError(f"{origin} has {n} problem(s):\n" + "\n".join(lines))
+    return params
 
 
 def load_params(
@@ -323,4 +517,5 @@ def load_params(
         raise ParamsError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path} must hold a mapping at the top level")
-    return validate(apply_overrides(raw, overrides or {}), origin=str(path))
+    return validate(apply_overrides(raw, overrides or {}), origin=str(path),
+                    root=path.resolve().parent)

@@ -1,20 +1,34 @@
-"""evaluate: every system on the same test split, quality and cost side by side.
+"""evaluate: every system on the same test split, quality and cost side by side, with intervals.
 
-Systems: `teacher` (PyTorch), `student` (PyTorch), `student_onnx` (ONNX Runtime FP32),
-`student_onnx_int8` (ONNX Runtime dynamic INT8). For each: accuracy, macro-F1, latency p50/p95
-at `evaluate.latency_batch_size` (one example at a time by default), throughput at
-`evaluate.throughput_batch_size`, file size, parameter count, tokens per example, and analytic
-GFLOPs per example (`components/flops.py` says what is counted; token merging included).
+Systems: the teacher as a user would deploy it without distilling (`teacher` PyTorch eager,
+`teacher_onnx` ONNX Runtime FP32, `teacher_onnx_int8` ONNX Runtime dynamic INT8) and every
+student artifact (`student` PyTorch, `student_onnx`, `student_onnx_int8`, TensorRT engines where
+they run). For each: accuracy and macro-F1 with seeded bootstrap 95% intervals, the paired
+bootstrap interval of its accuracy difference from the best teacher runtime (and McNemar's
+exact test for students), time, size, parameters, tokens and analytic GFLOPs per example.
 
-How time is measured: end to end from text to logits (tokenise, pad, run), on
-`evaluate.num_threads` threads, after `evaluate.warmup` untimed calls; latency is the median
-and 95th percentile over `evaluate.latency_examples` single calls; throughput is test examples
-divided by the wall time of one full pass in batches. Machine and library versions are written
-to `environment.json` beside the numbers.
+How time is measured (`components/runtimes.py` holds the runners):
+- threads are pinned for both runtimes (intra-op `evaluate.num_threads`, inter-op 1), and every
+  tokenizer is configured once when its system is built: nothing is rebuilt inside a timed call;
+- each call is timed in two parts, tokenisation + padding and the model (padded tensors in,
+  logits out); *model time* is the second, *end-to-end time* (text in, logits out) their sum,
+  and tokenisation cost is reported on its own;
+- throughput: full passes over the test split in batches of `evaluate.throughput_batch_size`;
+  latency: `evaluate.latency_examples` calls of `evaluate.latency_batch_size` (p50/p95);
+- `evaluate.warmup` untimed calls first, then `evaluate.repeats` rounds, the systems
+  round-robin within each round so machine noise hits all of them alike; medians over rounds
+  are reported with their interquartile range (IQR).
 
-Produces in `paths.evaluate`: `metrics.json` (DVC metrics), `plots/systems.json` (DVC plot:
-accuracy vs throughput), `accuracy_vs_throughput.png`, `environment.json`, `params.json`;
-logs the same table and numbers to W&B.
+Decisions: the *best teacher runtime* is the fastest teacher system (end-to-end throughput)
+whose accuracy lies within the 95% interval of the most accurate teacher system; the headline
+student is chosen the same way among students. Every headline ratio is against the best teacher
+runtime, with PyTorch eager as a second column. The cascade (student first, best teacher
+runtime for the inputs it is unsure of) picks its threshold on the *validation* split and is
+reported once on test, costed at the measured end-to-end time per example at the deployment
+batch size (`evaluate.throughput_batch_size`).
+
+Produces in `paths.evaluate`: `metrics.json` (DVC metrics), `plots/*.json` (DVC plots),
+`report.md` + `report.html`, PNGs, `environment.json`, `params.json`; logs the same to W&B.
 
 Run: `python -m components.evaluate` (or `dvc repro evaluate`).
 """
@@ -36,14 +50,28 @@ from tqdm.auto import tqdm
 
 from components import cascade, report, tracking
 from components import tensorrt as trt_engines
+from components.artifacts import (
+    STUDENT_FP32,
+    STUDENT_INT8,
+    STUDENT_TOKENIZER,
+    TEACHER_FP32,
+    TEACHER_INT8,
+    TEACHER_TOKENIZER,
+)
 from components.common import StageError, atomic_dir, file_size, stage_main, write_json
 from components.config import Params
 from components.distill import student as student_io
-from components.export import FP32_FILE, INT8_FILE, session
 from components.flops import encoder_flops
 from components.prepare import load_label_names, load_split
-from components.textdata import encode, pad_batch, pad_id
-from components.tokenizer import TOKENIZER_FILE
+from components.runtimes import (
+    Runner,
+    TextEncoder,
+    onnx_runner,
+    ort_session,
+    pin_torch_threads,
+    torch_runner,
+)
+from components.stats import Bootstrap, mcnemar_exact, timing_summary
 
 PLOT_FILE = "plots/systems.json"
 CASCADE_FILE = "plots/cascade.json"
@@ -55,35 +83,15 @@ PNG_FILE = "accuracy_vs_throughput.png"
 class System:
     name: str
     runtime: str
-    run: Callable[[torch.Tensor, torch.Tensor], np.ndarray]  # padded ids, mask -> logits
-    tokenizer: object  # tokenizers.Tokenizer
-    max_length: int
+    side: str  # "teacher" | "student"
+    run: Runner  # padded ids, mask -> logits
+    encoder: TextEncoder  # tokenizer configured once
     size_bytes: int
     parameters: int
     flops: Callable[[float], float]  # real tokens per example -> FLOPs per example
-    min_length: int = 1  # a token-merging student needs at least this many positions
 
     def logits(self, texts: list[str]) -> np.ndarray:
-        ids = encode(self.tokenizer, texts, self.max_length)
-        return self.run(*pad_batch(ids, pad_id(self.tokenizer), self.min_length))
-
-
-def _torch_runner(model: torch.nn.Module):
-    model.eval()
-
-    def run(input_ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            return model(input_ids, mask).float().numpy()
-
-    return run
-
-
-def _onnx_runner(sess):
-    def run(input_ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
-        return sess.run(["logits"], {"input_ids": input_ids.numpy(),
-                                     "attention_mask": mask.numpy()})[0]
-
-    return run
+        return self.run(*self.encoder(texts))
 
 
 def build_systems(params: Params) -> tuple[list[System], str | None]:
@@ -96,9 +104,8 @@ def build_systems(params: Params) -> tuple[list[System], str | None]:
     teacher_dir = Path(params.paths.teacher)
     student_dir, export_dir = Path(params.paths.student), Path(params.paths.export)
     student = student_io.load(student_dir)
-    student_tok = Tokenizer.from_file(str(student_dir / TOKENIZER_FILE))
     n_student = sum(p.numel() for p in student.parameters())
-    s_len = params.distill.max_length
+    n_teacher = sum(p.numel() for p in teacher.parameters())
     threads = params.evaluate.num_threads
     tc, sc = teacher.hf.config, student.cfg
 
@@ -110,68 +117,173 @@ def build_systems(params: Params) -> tuple[list[System], str | None]:
         merge = {layer: sc.merge_r for layer in sc.merging_layers()}
         return encoder_flops(n, sc.layers, sc.hidden, sc.intermediate, sc.num_labels, merge)
 
-    student_args = (student_tok, s_len)
-    systems = [
-        System("teacher", "pytorch", _torch_runner(teacher), teacher_tok.backend_tokenizer,
-               params.teacher.max_length, file_size(teacher_dir / "model.safetensors"),
-               sum(p.numel() for p in teacher.parameters()), teacher_flops),
-        System("student", "pytorch", _torch_runner(student), *student_args,
-               file_size(student_dir / student_io.WEIGHTS_FILE), n_student, student_flops,
-               sc.min_tokens()),
-        System("student_onnx", "onnxruntime",
-               _onnx_runner(session(export_dir / FP32_FILE, threads)), *student_args,
-               file_size(export_dir / FP32_FILE), n_student, student_flops, sc.min_tokens()),
-    ]
-    if (export_dir / INT8_FILE).is_file():
-        systems.append(System(
-            "student_onnx_int8", "onnxruntime",
-            _onnx_runner(session(export_dir / INT8_FILE, threads)), *student_args,
-            file_size(export_dir / INT8_FILE), n_student, student_flops, sc.min_tokens()))
-    trt_systems, trt_skip = trt_engines.evaluate_systems(
-        params, export_dir, student_tok, s_len, n_student, flops=student_flops,
-        min_length=sc.min_tokens())
-    return systems + trt_systems, trt_skip
+    t_enc = TextEncoder(teacher_tok.backend_tokenizer, params.teacher.max_length)
+    s_enc = TextEncoder(Tokenizer.from_file(str(student_dir / STUDENT_TOKENIZER)),
+                        params.distill.max_length, sc.min_tokens())
+    teachers = (t_enc, n_teacher, teacher_flops)
+    students = (s_enc, n_student, student_flops)
+    systems = [System("teacher", "pytorch", "teacher", torch_runner(teacher), t_enc,
+                      file_size(teacher_dir / "model.safetensors"), n_teacher, teacher_flops)]
+    onnx_files = [("teacher_onnx", TEACHER_FP32, teachers), ("teacher_onnx_int8", TEACHER_INT8,
+                                                             teachers)]
+    if (export_dir / TEACHER_TOKENIZER).is_file():
+        exported = Tokenizer.from_file(str(export_dir / TEACHER_TOKENIZER))
+        if exported.to_str() != teacher_tok.backend_tokenizer.to_str():
+            raise StageError(f"{export_dir / TEACHER_TOKENIZER} is not the tokenizer of the "
+                             f"teacher in {teacher_dir}: rerun dvc repro export")
+    for name, file, (enc, n, flops) in onnx_files:
+        if (export_dir / file).is_file():
+            systems.append(System(name, "onnxruntime", "teacher",
+                                  onnx_runner(ort_session(export_dir / file, threads)), enc,
+                                  file_size(export_dir / file), n, flops))
+    systems.append(System("student", "pytorch", "student", torch_runner(student), s_enc,
+                          file_size(student_dir / student_io.WEIGHTS_FILE), n_student,
+                          student_flops))
+    for name, file in (("student_onnx", STUDENT_FP32), ("student_onnx_int8", STUDENT_INT8)):
+        if (export_dir / file).is_file():
+            enc, n, flops = students
+            systems.append(System(name, "onnxruntime", "student",
+                                  onnx_runner(ort_session(export_dir / file, threads)), enc,
+                                  file_size(export_dir / file), n, flops))
+    runners, trt_skip = trt_engines.evaluate_runners(params, export_dir)
+    for name, runner, size in runners:
+        systems.append(System(name, "tensorrt", "student", runner, s_enc, size, n_student,
+                              student_flops))
+    return systems, trt_skip
 
 
-def measure(system: System, texts: list[str], labels: np.ndarray, params: Params) -> dict:
+# ------------------------------------------------------------------------------------ timing
+
+def _timed_call(system: System, texts: list[str]) -> tuple[np.ndarray, float, float]:
+    """Logits, tokenisation (+ padding) seconds, model seconds for one call."""
+    t0 = time.perf_counter()
+    batch = system.encoder(texts)
+    t1 = time.perf_counter()
+    logits = system.run(*batch)
+    t2 = time.perf_counter()
+    return logits, t1 - t0, t2 - t1
+
+
+def measure_time(systems: list[System], texts: list[str], params: Params,
+                 progress: bool = True) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    """Throughput and latency of every system, model and end to end, round-robin over
+    `evaluate.repeats` rounds (see the module docstring). Returns timings and test logits."""
     cfg = params.evaluate
-    bs = cfg.throughput_batch_size
-    chunks = [texts[i : i + bs] for i in range(0, len(texts), bs)]
-    for chunk in chunks[: max(1, cfg.warmup // 4)]:
-        system.logits(chunk)
-    passes = []
-    for _ in range(cfg.repeats):  # several full passes; the median is reported
-        start = time.perf_counter()
-        logits = np.concatenate([system.logits(c) for c in chunks])
-        passes.append(time.perf_counter() - start)
-    elapsed = float(np.median(passes))
-    preds = logits.argmax(-1)
-
-    lb = cfg.latency_batch_size
+    n = len(texts)
+    bs, lb = cfg.throughput_batch_size, cfg.latency_batch_size
+    chunks = [texts[i : i + bs] for i in range(0, n, bs)]
     sample = texts[: cfg.latency_examples * lb]
-    for i in range(cfg.warmup):
-        system.logits(sample[(i * lb) % len(sample) :][:lb])
-    times = []
-    for i in range(0, len(sample), lb):
-        t0 = time.perf_counter()
-        system.logits(sample[i : i + lb])
-        times.append((time.perf_counter() - t0) * 1000)
+    calls = [sample[i : i + lb] for i in range(0, len(sample), lb)]
+    for system in systems:  # warm-up: lazy allocations, ORT's first-run graph work, caches
+        for i in range(max(1, cfg.warmup)):
+            system.logits(calls[i % len(calls)])
+        system.logits(chunks[0])
+    rounds = {s.name: {"model": [], "e2e": [], "tok": [], "p50": [], "p95": [], "model_p50": [],
+                       "model_p95": [], "tok_p50": []} for s in systems}
+    logits: dict[str, np.ndarray] = {}
+    bar = tqdm(total=cfg.repeats * len(systems), desc="evaluate: timing", unit="pass",
+               disable=not progress)
+    for _ in range(cfg.repeats):
+        for system in systems:
+            r = rounds[system.name]
+            outs, tok_s, model_s = [], 0.0, 0.0
+            for chunk in chunks:
+                out, t, m = _timed_call(system, chunk)
+                outs.append(out)
+                tok_s += t
+                model_s += m
+            logits[system.name] = np.concatenate(outs)
+            r["model"].append(n / model_s)
+            r["e2e"].append(n / (model_s + tok_s))
+            r["tok"].append(1000 * tok_s / n)
+            lat = np.array([_timed_call(system, c)[1:] for c in calls]) * 1000  # [calls, 2]
+            e2e, model = lat.sum(1), lat[:, 1]
+            r["p50"].append(np.percentile(e2e, 50))
+            r["p95"].append(np.percentile(e2e, 95))
+            r["model_p50"].append(np.percentile(model, 50))
+            r["model_p95"].append(np.percentile(model, 95))
+            r["tok_p50"].append(np.percentile(lat[:, 0], 50))
+            bar.update()
+    bar.close()
+    out = {}
+    for name, r in rounds.items():
+        s = {k: timing_summary(v) for k, v in r.items()}
+        out[name] = {
+            "throughput_per_s": s["e2e"]["median"],  # end to end: what a caller gets
+            "throughput_iqr": s["e2e"]["iqr"],
+            "model_throughput_per_s": s["model"]["median"],
+            "model_throughput_iqr": s["model"]["iqr"],
+            "tokenize_ms_per_example": s["tok"]["median"],
+            "ms_per_example": 1000.0 / s["e2e"]["median"],
+            "latency_p50_ms": s["p50"]["median"],
+            "latency_p50_iqr_ms": s["p50"]["iqr"],
+            "latency_p95_ms": s["p95"]["median"],
+            "model_latency_p50_ms": s["model_p50"]["median"],
+            "model_latency_p95_ms": s["model_p95"]["median"],
+            "tokenize_latency_p50_ms": s["tok_p50"]["median"],
+            "timing_rounds": cfg.repeats,
+        }
+    return out, logits
 
-    ids = encode(system.tokenizer, texts, system.max_length)
-    tokens = float(np.mean([len(x) for x in ids]))
+
+# ----------------------------------------------------------------------------------- quality
+
+def quality(system: System, logits: np.ndarray, texts: list[str], labels: np.ndarray,
+            boot: Bootstrap) -> dict:
+    preds = logits.argmax(-1)
+    ids = system.encoder.ids(texts)
     return {
         "runtime": system.runtime,
+        "side": system.side,
         "accuracy": float(accuracy_score(labels, preds)),
         "macro_f1": float(f1_score(labels, preds, average="macro")),
-        "latency_p50_ms": float(np.percentile(times, 50)),
-        "latency_p95_ms": float(np.percentile(times, 95)),
-        "throughput_per_s": len(texts) / elapsed,
+        **boot.scores(preds),
         "size_mb": system.size_bytes / 1e6,
         "parameters": system.parameters,
-        "tokens_per_example": tokens,
+        "tokens_per_example": float(np.mean([len(x) for x in ids])),
         "gflops_per_example": float(np.mean([system.flops(len(x)) for x in ids])) / 1e9,
-        "logits": logits,
     }
+
+
+def best_of(results: dict[str, dict], side: str) -> str | None:
+    """The fastest system of `side` (end-to-end throughput) whose accuracy is within the 95%
+    interval of that side's most accurate system: a faster runtime that is not measurably
+    worse is the one a user deploys."""
+    names = [n for n, r in results.items() if r["side"] == side]
+    if not names:
+        return None
+    top = max(names, key=lambda n: (results[n]["accuracy"], results[n]["throughput_per_s"]))
+    low = results[top]["accuracy_ci"][0]
+    ok = [n for n in names if results[n]["accuracy"] >= low]
+    return max(ok, key=lambda n: results[n]["throughput_per_s"])
+
+
+def ratios(results: dict[str, dict], reference: str) -> dict[str, float]:
+    """Speed ratios of every student against the best teacher runtime and PyTorch eager, and
+    size/tokens/FLOPs ratios of the student network against the teacher network."""
+    ref, eager = results[reference], results["teacher"]
+    out: dict[str, float] = {}
+    for name, r in results.items():
+        if r["side"] != "student":
+            continue
+        out[f"{name}_throughput_vs_best_teacher"] = r["throughput_per_s"] / ref["throughput_per_s"]
+        out[f"{name}_model_throughput_vs_best_teacher"] = (
+            r["model_throughput_per_s"] / ref["model_throughput_per_s"])
+        out[f"{name}_throughput_vs_teacher_pytorch"] = (
+            r["throughput_per_s"] / eager["throughput_per_s"])
+    s = results["student"]
+    out["student_size_vs_teacher"] = s["size_mb"] / eager["size_mb"]
+    out["student_tokens_vs_teacher"] = s["tokens_per_example"] / eager["tokens_per_example"]
+    out["student_flops_vs_teacher"] = s["gflops_per_example"] / eager["gflops_per_example"]
+    for side, fp32, int8 in (("", "student_onnx", "student_onnx_int8"),
+                             ("teacher_", "teacher_onnx", "teacher_onnx_int8")):
+        if fp32 in results and int8 in results:
+            q, f = results[int8], results[fp32]
+            out[f"{side}int8_throughput_vs_fp32"] = q["throughput_per_s"] / f["throughput_per_s"]
+            out[f"{side}int8_model_throughput_vs_fp32"] = (
+                q["model_throughput_per_s"] / f["model_throughput_per_s"])
+            out[f"{side}int8_accuracy_minus_fp32"] = q["accuracy"] - f["accuracy"]
+    return out
 
 
 def environment(params: Params) -> dict:
@@ -184,32 +296,12 @@ def environment(params: Params) -> dict:
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "threads": params.evaluate.num_threads,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
         "transformers": transformers.__version__,
     }
-
-
-def ratios(systems: dict[str, dict]) -> dict[str, float]:
-    t, s = systems["teacher"], systems["student"]
-    out = {
-        "student_accuracy_minus_teacher": s["accuracy"] - t["accuracy"],
-        "student_throughput_vs_teacher": s["throughput_per_s"] / t["throughput_per_s"],
-        "student_onnx_throughput_vs_teacher":
-            systems["student_onnx"]["throughput_per_s"] / t["throughput_per_s"],
-        "student_size_vs_teacher": s["size_mb"] / t["size_mb"],
-        "student_tokens_vs_teacher": s["tokens_per_example"] / t["tokens_per_example"],
-        "student_flops_vs_teacher": s["gflops_per_example"] / t["gflops_per_example"],
-    }
-    if "student_onnx_int8" in systems:
-        q, f = systems["student_onnx_int8"], systems["student_onnx"]
-        out["int8_throughput_vs_fp32"] = q["throughput_per_s"] / f["throughput_per_s"]
-        out["int8_accuracy_minus_fp32"] = q["accuracy"] - f["accuracy"]
-    for name, r in systems.items():
-        if r["runtime"] == "tensorrt":
-            out[f"{name}_throughput_vs_onnx_fp32"] = (
-                r["throughput_per_s"] / systems["student_onnx"]["throughput_per_s"])
-    return out
 
 
 def plot(points: list[dict], path: Path) -> None:
@@ -217,82 +309,143 @@ def plot(points: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for p in points:
-        ax.scatter(p["throughput_per_s"], p["accuracy"], s=40 + 4 * p["size_mb"])
+        ci = p.get("accuracy_ci")
+        yerr = ([[p["accuracy"] - ci[0]], [ci[1] - p["accuracy"]]] if ci else None)
+        ax.errorbar(p["throughput_per_s"], p["accuracy"], yerr=yerr, fmt="o", capsize=3,
+                    color="tab:red" if p.get("side") == "teacher" else "tab:blue")
         ax.annotate(p["system"], (p["throughput_per_s"], p["accuracy"]),
                     textcoords="offset points", xytext=(6, 4), fontsize=9)
     ax.set_xscale("log")
-    ax.set_xlabel("throughput (examples/s, log scale)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("Accuracy vs throughput (marker area ~ model size)")
+    ax.set_xlabel("end-to-end throughput (examples/s, log scale)")
+    ax.set_ylabel("test accuracy (95% bootstrap interval)")
+    ax.set_title("Accuracy vs throughput (red: teacher runtimes)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def run_cascade(params: Params, results: dict[str, dict], labels: np.ndarray) -> dict | None:
-    """The student-then-teacher cascade over thresholds (see components/cascade.py)."""
+# ----------------------------------------------------------------------------------- cascade
+
+def run_cascade(params: Params, results: dict[str, dict], systems: dict[str, System],
+                test_logits: dict[str, np.ndarray], labels: np.ndarray, teacher: str,
+                boot: Bootstrap) -> dict | None:
+    """Student first, `teacher` (the best teacher runtime) below the confidence threshold;
+    the threshold is chosen on the validation split and reported once on test."""
     cfg = params.evaluate.cascade
     if not cfg.enabled:
         return None
     if cfg.student not in results:
         raise StageError(f"evaluate.cascade.student {cfg.student!r} is not an evaluated system "
                          f"(evaluated: {', '.join(results)})")
-    s, t = results[cfg.student], results["teacher"]
-    target = (cfg.target_accuracy if cfg.target_accuracy is not None
-              else t["accuracy"] - cfg.tolerance)
-    points = cascade.curve(s["logits"], t["logits"], labels, s["latency_p50_ms"],
-                           t["latency_p50_ms"], cfg.confidence,
-                           np.linspace(0.0, 1.0, cfg.thresholds).tolist())
-    return {"student": cfg.student, "confidence": cfg.confidence, "target_accuracy": target,
-            "chosen": cascade.choose(points, target), "points": points}
+    val = load_split(params, "validation")
+    v_texts, v_labels = val["text"].tolist(), val["label"].to_numpy()
+    bs = params.evaluate.throughput_batch_size
+    v_logits = {name: np.concatenate([systems[name].logits(v_texts[i : i + bs])
+                                      for i in range(0, len(v_texts), bs)])
+                for name in (cfg.student, teacher)}
+    t_val_acc = float((v_logits[teacher].argmax(-1) == v_labels).mean())
+    target = cfg.target_accuracy if cfg.target_accuracy is not None else t_val_acc - cfg.tolerance
+    s_ms, t_ms = results[cfg.student]["ms_per_example"], results[teacher]["ms_per_example"]
+    thresholds = np.linspace(0.0, 1.0, cfg.thresholds).tolist()
+    val_points = cascade.curve(v_logits[cfg.student], v_logits[teacher], v_labels, s_ms, t_ms,
+                               cfg.confidence, thresholds)
+    test_points = cascade.curve(test_logits[cfg.student], test_logits[teacher], labels, s_ms,
+                                t_ms, cfg.confidence, thresholds)
+    for v, t in zip(val_points, test_points, strict=True):
+        t["validation_accuracy"] = v["accuracy"]
+        t["validation_deferred_fraction"] = v["deferred_fraction"]
+    picked = cascade.choose(val_points, target)
+    chosen = None
+    if picked:
+        chosen = dict(next(p for p in test_points if p["threshold"] == picked["threshold"]))
+        preds = cascade.predictions(test_logits[cfg.student], test_logits[teacher],
+                                    cfg.confidence, picked["threshold"])
+        ref = test_logits[teacher].argmax(-1)
+        chosen.update(boot.scores(preds))
+        chosen["vs_best_teacher"] = {**boot.difference(preds, ref),
+                                     "mcnemar_p": mcnemar_exact(preds, ref, labels)["p_value"]}
+    return {"student": cfg.student, "teacher": teacher, "confidence": cfg.confidence,
+            "chosen_on": "validation", "validation_examples": len(v_texts),
+            "teacher_validation_accuracy": t_val_acc, "target_accuracy": target,
+            "cost": f"end-to-end ms per example at batch {bs} (measured): student on every "
+                    "input + deferred fraction x teacher",
+            "chosen": chosen, "points": test_points, "validation_points": val_points}
 
 
-def best_student(results: dict[str, dict]) -> str:
-    students = [n for n in results if n != "teacher"]
-    return max(students, key=lambda n: (results[n]["accuracy"], results[n]["throughput_per_s"]))
-
+# ---------------------------------------------------------------------------------------- run
 
 def run(params: Params) -> dict:
-    torch.set_num_threads(params.evaluate.num_threads)
+    cfg = params.evaluate
+    pin_torch_threads(cfg.num_threads)
     test = load_split(params, "test")
     texts, labels = test["text"].tolist(), test["label"].to_numpy()
     names = load_label_names(params)
-    results = {}
     systems, trt_skip = build_systems(params)
     if trt_skip:
         print(f"evaluate: TensorRT engines not evaluated: {trt_skip}")
-    for system in tqdm(systems, desc="evaluate", unit="system"):
-        results[system.name] = measure(system, texts, labels, params)
-        r = results[system.name]
-        tqdm.write(f"evaluate: {system.name:<18} acc {r['accuracy']:.4f} f1 {r['macro_f1']:.4f} "
-                   f"p50 {r['latency_p50_ms']:.2f} ms  {r['throughput_per_s']:.1f} ex/s  "
-                   f"{r['size_mb']:.1f} MB")
-    casc = run_cascade(params, results, labels)
-    best = best_student(results)
-    best_preds = results[best]["logits"].argmax(-1)
-    for r in results.values():
-        r.pop("logits")  # arrays: used above, not metrics
-    metrics = {"test_examples": len(texts), "systems": results, "ratios": ratios(results),
-               "tensorrt": trt_skip or "evaluated"}
-    points = [{"system": name, **{k: v for k, v in r.items() if k != "runtime"}}
+    timings, logits = measure_time(systems, texts, params)
+    boot = Bootstrap(labels, len(names), cfg.bootstrap, params.seed)
+    results = {s.name: {**quality(s, logits[s.name], texts, labels, boot), **timings[s.name]}
+               for s in systems}
+    reference = best_of(results, "teacher")
+    headline = best_of(results, "student")
+    ref_preds = logits[reference].argmax(-1)
+    for name, r in results.items():
+        if name != reference:
+            preds = logits[name].argmax(-1)
+            r["vs_best_teacher"] = {**boot.difference(preds, ref_preds),
+                                    "mcnemar_p": mcnemar_exact(preds, ref_preds,
+                                                               labels)["p_value"]}
+        tqdm.write(f"evaluate: {name:<18} acc {r['accuracy']:.4f} "
+                   f"[{r['accuracy_ci'][0]:.4f}, {r['accuracy_ci'][1]:.4f}]  model "
+                   f"{r['model_throughput_per_s']:.1f} ex/s  e2e {r['throughput_per_s']:.1f} "
+                   f"ex/s  p50 {r['latency_p50_ms']:.2f} ms  {r['size_mb']:.1f} MB")
+    by_name = {s.name: s for s in systems}
+    casc = run_cascade(params, results, by_name, logits, labels, reference, boot)
+    metrics = {"test_examples": len(texts), "systems": results,
+               "best_teacher": reference, "headline_student": headline,
+               "ratios": ratios(results, reference), "tensorrt": trt_skip or "evaluated",
+               "uncertainty": {"method": "percentile bootstrap, paired across systems",
+                               "resamples": cfg.bootstrap, "level": 0.95, "seed": params.seed}}
+    metrics["headline"] = {
+        "student": headline, "best_teacher": reference,
+        "throughput_vs_best_teacher": results[headline]["throughput_per_s"]
+        / results[reference]["throughput_per_s"],
+        "model_throughput_vs_best_teacher": results[headline]["model_throughput_per_s"]
+        / results[reference]["model_throughput_per_s"],
+        "throughput_vs_teacher_pytorch": results[headline]["throughput_per_s"]
+        / results["teacher"]["throughput_per_s"],
+        **results[headline]["vs_best_teacher"],
+    }
+    points = [{"system": name, **{k: v for k, v in r.items()
+                                  if isinstance(v, str | int | float) or k == "accuracy_ci"}}
               for name, r in results.items()]
     extra = []
     if casc:
         chosen = casc["chosen"]
-        metrics["cascade"] = {k: v for k, v in casc.items() if k != "points"}
+        metrics["cascade"] = {k: v for k, v in casc.items()
+                              if k not in ("points", "validation_points")}
         if chosen:
-            metrics["ratios"]["cascade_speedup_vs_teacher"] = chosen["speedup_vs_teacher"]
-            extra.append({"system": f"cascade@{chosen['threshold']:.2f}",
-                          "accuracy": chosen["accuracy"],
-                          "latency_p50_ms": chosen["expected_latency_ms"]})
-        print(f"evaluate: cascade ({casc['student']} -> teacher, {casc['confidence']}) "
-              + (f"threshold {chosen['threshold']:.2f}: acc {chosen['accuracy']:.4f}, "
-                 f"{100 * chosen['deferred_fraction']:.1f}% deferred, "
-                 f"{chosen['speedup_vs_teacher']:.2f}x faster than the teacher"
-                 if chosen else f"reaches no threshold for target {casc['target_accuracy']:.4f}"))
+            metrics["ratios"]["cascade_speedup_vs_best_teacher"] = chosen["speedup_vs_teacher"]
+            extra.append({"system": f"cascade@{chosen['threshold']:.2f}", "side": "cascade",
+                          "accuracy": chosen["accuracy"], "accuracy_ci": chosen["accuracy_ci"],
+                          "ms_per_example": chosen["expected_ms_per_example"]})
+        print(f"evaluate: cascade ({casc['student']} -> {reference}, {casc['confidence']}) "
+              + (f"threshold {chosen['threshold']:.2f} (chosen on validation): test acc "
+                 f"{chosen['accuracy']:.4f}, {100 * chosen['deferred_fraction']:.1f}% deferred, "
+                 f"{chosen['speedup_vs_teacher']:.2f}x faster than {reference}"
+                 if chosen else
+                 f"reaches no threshold for target {casc['target_accuracy']:.4f} on validation"))
+    best = headline
+    best_preds = logits[best].argmax(-1)
+    print(f"evaluate: {headline} runs {metrics['headline']['throughput_vs_best_teacher']:.2f}x "
+          f"the best teacher runtime ({reference}) end to end, accuracy "
+          f"{100 * metrics['headline']['accuracy_diff']:+.2f} pt "
+          f"[{100 * metrics['headline']['accuracy_diff_ci'][0]:+.2f}, "
+          f"{100 * metrics['headline']['accuracy_diff_ci'][1]:+.2f}]")
 
-    with atomic_dir(params.paths.evaluate, params) as out:
+    with atomic_dir(params.paths.evaluate, params, "evaluate") as out:
         (out / "plots").mkdir()
         write_json(out / PLOT_FILE, points)
         plot(points, out / PNG_FILE)
@@ -305,10 +458,10 @@ def run(params: Params) -> dict:
         images = [out / PNG_FILE, out / report.PARETO_PNG, out / report.CONFUSION_PNG]
         if casc:
             write_json(out / CASCADE_FILE, casc["points"])
-            cascade.plot(casc["points"], casc["chosen"], casc["target_accuracy"],
-                         results[casc["student"]]["latency_p50_ms"],
-                         results["teacher"]["latency_p50_ms"], results["teacher"]["accuracy"],
-                         out / report.CASCADE_PNG)
+            cascade.plot(casc["validation_points"], casc["points"], casc["chosen"],
+                         casc["target_accuracy"], results[casc["student"]]["ms_per_example"],
+                         results[reference]["ms_per_example"], results[reference]["accuracy"],
+                         reference, out / report.CASCADE_PNG)
             images.insert(1, out / report.CASCADE_PNG)
         write_json(out / "metrics.json", metrics)
         md = report.markdown(metrics)
@@ -319,16 +472,33 @@ def run(params: Params) -> dict:
     return metrics
 
 
+def _flat(prefix: str, d: dict) -> dict:
+    """Numbers (and [low, high] intervals as _low/_high) of a nested dict, with `/` keys."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}/{k}"
+        if isinstance(v, bool):
+            out[key] = int(v)
+        elif isinstance(v, int | float):
+            out[key] = v
+        elif isinstance(v, list) and len(v) == 2 and all(isinstance(x, float) for x in v):
+            out[f"{key}_low"], out[f"{key}_high"] = v
+        elif isinstance(v, dict):
+            out.update(_flat(key, v))
+    return out
+
+
 def log_to_wandb(params: Params, metrics: dict, points: list[dict], casc: dict | None,
                  out: Path, images: list[Path]) -> None:
     """Tables, charts, summary numbers, the report files and the model files (as artifacts)."""
     import wandb
 
     run = tracking.start_run(params, "evaluate")
-    columns = list(points[0])
+    columns = [c for c in dict.fromkeys(k for p in points for k in p) if c != "accuracy_ci"]
+    columns += ["accuracy_ci_low", "accuracy_ci_high"]
+    rows = [[p.get(c) for c in columns[:-2]] + list(p["accuracy_ci"]) for p in points]
     logged = {
-        "systems": wandb.Table(columns=columns, data=[[p.get(c) for c in columns]
-                                                      for p in points]),
+        "systems": wandb.Table(columns=columns, data=rows),
         **{image.stem: wandb.Image(str(image)) for image in images},
     }
     per_class = metrics["best_student"]["per_class"]
@@ -341,13 +511,17 @@ def log_to_wandb(params: Params, metrics: dict, points: list[dict], casc: dict |
         table = wandb.Table(columns=cols, data=[[p[c] for c in cols] for p in casc["points"]])
         logged["cascade"] = table
         logged["cascade_accuracy_vs_cost"] = wandb.plot.line(
-            table, "expected_latency_ms", "accuracy", title="Cascade: accuracy vs expected ms")
+            table, "expected_ms_per_example", "accuracy",
+            title="Cascade on test: accuracy vs expected ms/example")
     run.log(logged)
-    run.summary.update({f"{name}/{k}": v for name, r in metrics["systems"].items()
-                        for k, v in r.items() if isinstance(v, int | float)})
-    run.summary.update({f"ratios/{k}": v for k, v in metrics["ratios"].items()})
+    summary = {}
+    for name, r in metrics["systems"].items():
+        summary.update(_flat(name, r))
+    summary.update(_flat("ratios", metrics["ratios"]))
+    summary.update(_flat("headline", metrics["headline"]))
     if metrics.get("cascade", {}).get("chosen"):
-        run.summary.update({f"cascade/{k}": v for k, v in metrics["cascade"]["chosen"].items()})
+        summary.update(_flat("cascade", metrics["cascade"]["chosen"]))
+    run.summary.update(summary)
     _log_artifacts(run, params, out, metrics)
     run.finish()
 
@@ -379,13 +553,15 @@ def _log_artifacts(run, params: Params, out: Path, metrics: dict) -> None:
     best = metrics["best_student"]["system"]
     model = wandb.Artifact("student", type="model", metadata={
         "inputs_sha256": inputs, "best_system": best,
-        "accuracy": {n: r["accuracy"] for n, r in metrics["systems"].items()}})
+        "accuracy": {n: r["accuracy"] for n, r in metrics["systems"].items()},
+        "accuracy_ci": {n: r["accuracy_ci"] for n, r in metrics["systems"].items()}})
     student_dir, export_dir = Path(params.paths.student), Path(params.paths.export)
-    for f in (student_io.WEIGHTS_FILE, "config.json", TOKENIZER_FILE):
+    for f in (student_io.WEIGHTS_FILE, "config.json", STUDENT_TOKENIZER):
         if (student_dir / f).is_file():
             model.add_file(str(student_dir / f), name=f"pytorch/{f}")
-    for f in sorted(export_dir.glob("*.onnx")):
-        model.add_file(str(f), name=f"onnx/{f.name}")
+    for f in (STUDENT_FP32, STUDENT_INT8):  # the teacher's graphs are the baseline, not this
+        if (export_dir / f).is_file():
+            model.add_file(str(export_dir / f), name=f"onnx/{f}")
     run.log_artifact(model, aliases=["latest", best])
     evaluation = wandb.Artifact("evaluation", type="report",
                                 metadata={"inputs_sha256": inputs,

@@ -1,9 +1,19 @@
-"""export: the student to ONNX (dynamic batch and sequence axes), parity-checked, plus INT8.
+"""export: the student and the teacher to ONNX (dynamic batch and sequence axes), parity-checked,
+plus INT8 for each.
 
-Produces in `paths.export`: `model.onnx` (FP32; inputs `input_ids`, `attention_mask` int64
-[batch, sequence], output `logits` [batch, num_labels]), `model.int8.onnx` (ONNX Runtime
-dynamic quantisation: int8 weights, activations quantised on the fly), `tokenizer.json`,
-`metrics.json` (parity errors, INT8 agreement, sizes) and `params.json`.
+Produces in `paths.export` (file names in `components/artifacts.py`): `model.onnx` (FP32; inputs
+`input_ids`, `attention_mask` int64 [batch, sequence], output `logits` [batch, num_labels]),
+`model.int8.onnx` (ONNX Runtime dynamic quantisation: int8 weights, activations quantised on
+the fly), `tokenizer.json`; the fine-tuned teacher the same way (`teacher.onnx`,
+`teacher.int8.onnx`, `teacher.tokenizer.json`; `export.teacher: false` skips it), because a user
+who does not distill would deploy the teacher in ONNX Runtime, quantised, and that is the
+baseline a student has to beat; `metrics.json` (parity errors, INT8 agreement, sizes) and
+`params.json`.
+
+`export.ort_optimize`: run ONNX Runtime's transformer optimizer (the fusions Optimum applies:
+attention, LayerNorm, GELU) on each FP32 graph before the parity check and quantisation. Off by
+default: measured on 2 CPU threads it made both models slightly slower
+(`benchmarks/evaluate_crosscheck.py --ort-optimize` measures it again).
 
 Parity: PyTorch and ONNX Runtime run the same real validation batches (different batch sizes
 and lengths); if any output differs by more than `export.atol + export.rtol * |torch|` the
@@ -26,17 +36,20 @@ import numpy as np
 import torch
 
 from components import tensorrt as trt_engines
+from components.artifacts import (
+    STUDENT_FP32,
+    STUDENT_INT8,
+    STUDENT_TOKENIZER,
+    TEACHER_FP32,
+    TEACHER_INT8,
+    TEACHER_TOKENIZER,
+)
 from components.common import StageError, atomic_dir, file_size, stage_main, write_json
 from components.config import Params
 from components.distill import student as student_io
 from components.prepare import load_split
-from components.textdata import batches, encode, pad_id
-from components.tokenizer import TOKENIZER_FILE
-
-FP32_FILE = "model.onnx"
-INT8_FILE = "model.int8.onnx"
-INPUTS = ("input_ids", "attention_mask")
-OUTPUTS = ("logits",)
+from components.runtimes import INPUTS, OUTPUTS, TextEncoder, ort_session
+from components.textdata import batches
 
 
 class ParityError(StageError):
@@ -59,38 +72,22 @@ def export_onnx(model: torch.nn.Module, example: tuple[torch.Tensor, ...], path:
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def session(path: str | Path, threads: int = 0):
-    import onnxruntime as ort
-
-    path = Path(path)
-    if not path.is_file():
-        raise StageError(f"{path} not found: run the export stage (dvc repro export)")
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as err:  # ORT raises its own exception types for bad models
-        raise StageError(f"{path} cannot be loaded by ONNX Runtime ({err}); rerun the export "
-                         "stage (dvc repro -f export)") from None
-
-
-def parity_batches(params: Params, tokenizer,
-                   min_length: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def parity_batches(params: Params,
+                   encoder: TextEncoder) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Real validation batches of shrinking size, so batch and sequence axes both vary
-    (never shorter than `min_length`, the shortest input a token-merging student takes)."""
+    (never shorter than the encoder's `min_length`, the shortest input a token-merging
+    student takes)."""
     cfg = params.export
     texts = load_split(params, "validation")["text"].tolist()
-    ids = encode(tokenizer, texts, params.distill.max_length)
+    ids = encoder.ids(texts[: 2 * cfg.parity_batch_size + cfg.parity_batches])
     out, start = [], 0
     for i in range(cfg.parity_batches):
         size = max(1, cfg.parity_batch_size >> i)
         chunk = ids[start : start + size] or ids[:size]
         # Clip some batches to a shorter length so the sequence axis changes too.
-        limit = max(4, params.distill.max_length >> i)
+        limit = max(4, encoder.max_length >> i)
         chunk = [x[:limit] for x in chunk]
-        out.extend(batches(chunk, size, pad_id(tokenizer), min_length))
+        out.extend(batches(chunk, size, encoder.pad, encoder.min_length))
         start += size
     return out
 
@@ -159,33 +156,95 @@ def quantize_int8(src: Path, dst: Path) -> None:
         prepared.unlink(missing_ok=True)
 
 
+def ort_optimize(path: Path, num_heads: int, hidden: int) -> dict:
+    """ONNX Runtime's transformer optimizer (BERT fusions) on `path`, in place. Returns which
+    fused ops it produced, so the metrics say whether anything matched."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = optimize_model(str(path), model_type="bert", num_heads=num_heads,
+                               hidden_size=hidden, opt_level=1)
+    fused = {k: v for k, v in model.get_fused_operator_statistics().items() if v}
+    model.save_model_to_file(str(path))
+    return {"fused_ops": fused}
+
+
+def export_model(model: torch.nn.Module, data, out: Path, fp32_name: str, int8_name: str | None,
+                 cfg, heads: int, hidden: int) -> dict:
+    """One model to ONNX FP32 (+ optional optimizer pass), parity-checked, then INT8."""
+    export_onnx(model, data[0], out / fp32_name, cfg.opset)
+    result = {}
+    if cfg.ort_optimize:
+        result["ort_optimize"] = ort_optimize(out / fp32_name, heads, hidden)
+    fp32 = ort_session(out / fp32_name)
+    result["fp32"] = check_parity(model, fp32, data, cfg.atol, cfg.rtol)
+    result["fp32"]["bytes"] = file_size(out / fp32_name)
+    if int8_name:
+        quantize_int8(out / fp32_name, out / int8_name)
+        result["int8"] = agreement(fp32, ort_session(out / int8_name), data)
+        result["int8"]["bytes"] = file_size(out / int8_name)
+    return result
+
+
+def load_teacher_for_export(folder: Path) -> torch.nn.Module:
+    """The fine-tuned teacher with eager attention (the exporter traces plain matmul + softmax;
+    the fused SDPA path would bake the mask handling into a form ORT cannot fuse or quantise)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from components.teacher import HFClassifier
+
+    if not (folder / "config.json").is_file():
+        raise StageError(f"{folder} has no teacher: run the teacher stage (dvc repro teacher)")
+    try:
+        hf = AutoModelForSequenceClassification.from_pretrained(
+            folder, attn_implementation="eager")
+    except Exception as err:  # transformers/safetensors raise many types for a bad folder
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise StageError(f"the teacher in {folder} cannot be loaded ({first}); rerun the "
+                         "teacher stage (dvc repro -f teacher)") from None
+    return HFClassifier(hf).eval()
+
+
 def run(params: Params) -> dict:
+    from tokenizers import Tokenizer
+
     cfg = params.export
     torch.set_num_threads(params.trainer.num_threads)
     student_dir = Path(params.paths.student)
     model = student_io.load(student_dir)
-    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(str(student_dir / STUDENT_TOKENIZER))
+    encoder = TextEncoder(tokenizer, params.distill.max_length, model.cfg.min_tokens())
+    data = parity_batches(params, encoder)
 
-    tokenizer = Tokenizer.from_file(str(student_dir / TOKENIZER_FILE))
-    data = parity_batches(params, tokenizer, model.cfg.min_tokens())
-
-    with atomic_dir(params.paths.export, params) as out:
-        export_onnx(model, data[0], out / FP32_FILE, cfg.opset)
-        fp32 = session(out / FP32_FILE)
-        metrics = {"opset": cfg.opset, "min_tokens": model.cfg.min_tokens(),
-                   "fp32": check_parity(model, fp32, data, cfg.atol, cfg.rtol)}
-        metrics["fp32"]["bytes"] = file_size(out / FP32_FILE)
-        if cfg.int8:
-            quantize_int8(out / FP32_FILE, out / INT8_FILE)
-            metrics["int8"] = agreement(fp32, session(out / INT8_FILE), data)
-            metrics["int8"]["bytes"] = file_size(out / INT8_FILE)
+    with atomic_dir(params.paths.export, params, "export") as out:
+        sc = model.cfg
+        metrics = {"opset": cfg.opset, "min_tokens": sc.min_tokens(),
+                   **export_model(model, data, out, STUDENT_FP32,
+                                  STUDENT_INT8 if cfg.int8 else None, cfg, sc.heads, sc.hidden)}
         metrics["tensorrt"] = trt_engines.export_engines(
-            params, out / FP32_FILE, out, data, tokenizer, model.cfg.min_tokens())
-        shutil.copyfile(student_dir / TOKENIZER_FILE, out / TOKENIZER_FILE)
+            params, out / STUDENT_FP32, out, data, tokenizer, sc.min_tokens())
+        shutil.copyfile(student_dir / STUDENT_TOKENIZER, out / STUDENT_TOKENIZER)
+        if cfg.teacher:
+            teacher_dir = Path(params.paths.teacher)
+            teacher = load_teacher_for_export(teacher_dir)
+            t_tok = Tokenizer.from_file(str(teacher_dir / "tokenizer.json"))
+            t_data = parity_batches(params, TextEncoder(t_tok, params.teacher.max_length))
+            tc = teacher.hf.config
+            metrics["teacher"] = export_model(
+                teacher, t_data, out, TEACHER_FP32, TEACHER_INT8 if cfg.int8 else None, cfg,
+                tc.num_attention_heads, tc.hidden_size)
+            t_tok.save(str(out / TEACHER_TOKENIZER))
         write_json(out / "metrics.json", metrics)
-    print(f"export: ONNX parity max abs error {metrics['fp32']['max_abs_error']:.2e}"
-          + (f", INT8 argmax agreement {metrics['int8']['argmax_agreement']:.3f}"
-             if cfg.int8 else "") + f", TensorRT {metrics['tensorrt']['status']}")
+    line = f"export: student ONNX parity max abs error {metrics['fp32']['max_abs_error']:.2e}"
+    if cfg.int8:
+        line += f", INT8 argmax agreement {metrics['int8']['argmax_agreement']:.3f}"
+    if cfg.teacher:
+        t = metrics["teacher"]
+        line += f"; teacher parity {t['fp32']['max_abs_error']:.2e}"
+        if cfg.int8:
+            line += f", INT8 agreement {t['int8']['argmax_agreement']:.3f}"
+    print(line + f"; TensorRT {metrics['tensorrt']['status']}")
     return metrics
 
 

@@ -244,14 +244,16 @@ def _load_folder(source: str, fmt: str, cfg: Prepare) -> Rows:
         if label.startswith(("_", ".")):  # e.g. __pycache__ in a packaged dataset
             continue
         for path in sorted(fs.find(class_dir)):
+            # Origins relative to the source as given, never the machine's absolute path.
+            origin = f"{source.rstrip('/')}/{PurePosixPath(path).relative_to(root)}"
             try:
                 text = fs.cat_file(path).decode("utf-8")
             except UnicodeDecodeError:
-                rows.drop("not_utf8", path)
+                rows.drop("not_utf8", origin)
                 continue
             rows.texts.append(text)
             rows.labels.append(label)
-            rows.origins.append(path)
+            rows.origins.append(origin)
     return rows
 
 
@@ -351,6 +353,12 @@ def clean(rows: Rows, cfg: Prepare) -> tuple[pd.DataFrame, Rows]:
     return df.drop(columns="origin").reset_index(drop=True), tally
 
 
+def as_written(origin: str, resolved: str, written: str) -> str:
+    """`origin` with the resolved source location (an install path for `pkg:` sources)
+    replaced by the location as written in params."""
+    return written + origin[len(resolved):] if origin.startswith(resolved) else origin
+
+
 def _describe_drops(tally: Rows, reasons: tuple[str, ...] | None = None) -> str:
     parts = []
     for reason, n in sorted(tally.dropped.items()):
@@ -384,6 +392,10 @@ def run(params: Params) -> dict:
     fmt = detect_format(source, cfg)
     rows = load_rows(source, fmt, cfg)
     df, tally = clean(rows, cfg)
+    # report.json is hashed by DVC and read downstream: locations in it name the source as
+    # params.yaml does (`pkg:...`), not where this machine installed it.
+    tally.examples = {reason: [as_written(o, source, cfg.source) for o in origins]
+                      for reason, origins in tally.examples.items()}
 
     counts = df["label_name"].value_counts()
     # A class too small to appear in every split is usually a typo'd label ("sprot").
@@ -428,7 +440,7 @@ def run(params: Params) -> dict:
                        "max": int(lengths.max())},
         "splits": {},
     }
-    with atomic_dir(params.paths.data, params) as out:
+    with atomic_dir(params.paths.data, params, "prepare") as out:
         for split, idx in split_idx.items():
             part = df.iloc[idx][["text", "label", "label_name"]].reset_index(drop=True)
             part.to_parquet(out / f"{split}.parquet", index=False)

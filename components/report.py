@@ -46,16 +46,19 @@ def pareto_front(points: list[dict], x: str, maximize_x: bool, y: str = "accurac
 
 
 def plot_pareto(points: list[dict], path: Path, extra: list[dict] | None = None) -> dict:
-    """Accuracy vs throughput, vs size and vs latency (with cascade points in `extra`), the
-    front drawn in each panel. Returns the fronts by axis."""
+    """Accuracy vs throughput, vs size and vs end-to-end ms per example (with cascade points in
+    `extra`), each point with its 95% accuracy interval, the front drawn in each panel. Returns
+    the fronts by axis. A front is drawn on point estimates: the report says which of its
+    differences are within noise."""
     from matplotlib.ticker import NullFormatter
 
     plt = pyplot()
-    latency_points = points + (extra or [])
+    cost_points = points + (extra or [])
     panels = [
-        ("throughput_per_s", True, "throughput (examples/s, log)", points),
+        ("throughput_per_s", True, "end-to-end throughput (examples/s, log)", points),
         ("size_mb", False, "size (MB, log)", points),
-        ("latency_p50_ms", False, "p50 latency (ms, log)", latency_points),
+        ("ms_per_example", False, "end-to-end ms per example at the batch size (log)",
+         cost_points),
     ]
     fronts = {}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
@@ -64,9 +67,11 @@ def plot_pareto(points: list[dict], path: Path, extra: list[dict] | None = None)
         fronts[key] = front
         for p in pts:
             on = p["system"] in front
-            ax.scatter(p[key], p["accuracy"], s=50 if on else 30,
-                       marker="o" if not p["system"].startswith("cascade") else "D",
-                       color="tab:red" if on else "tab:blue", zorder=3)
+            ci = p.get("accuracy_ci")
+            yerr = [[p["accuracy"] - ci[0]], [ci[1] - p["accuracy"]]] if ci else None
+            ax.errorbar(p[key], p["accuracy"], yerr=yerr, capsize=3, ms=7 if on else 5,
+                        fmt="D" if p["system"].startswith("cascade") else "o",
+                        color="tab:red" if on else "tab:blue", zorder=3)
             ax.annotate(p["system"], (p[key], p["accuracy"]), textcoords="offset points",
                         xytext=(5, 4), fontsize=8)
         line = sorted((p for p in pts if p["system"] in front), key=lambda p: p[key])
@@ -75,10 +80,10 @@ def plot_pareto(points: list[dict], path: Path, extra: list[dict] | None = None)
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # no crowded minor tick labels
         ax.set_xlabel(label)
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel("test accuracy (95% interval)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle("Accuracy vs cost; red: not dominated by any other system")
+    fig.suptitle("Accuracy vs cost; red: not dominated by any other system (point estimates)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -129,44 +134,120 @@ def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> list[str]:
     return out
 
 
+def _ci(v: list[float] | None, spec: str = ".4f") -> str:
+    return "-" if not v else f"[{format(v[0], spec)}, {format(v[1], spec)}]"
+
+
+def _pt(v: float) -> str:
+    return f"{100 * v:+.2f}"
+
+
+def _system_rows(metrics: dict) -> list[dict]:
+    rows = []
+    for name, r in metrics["systems"].items():
+        d = r.get("vs_best_teacher")
+        rows.append({
+            "system": name, "runtime": r["runtime"],
+            "accuracy": f"{r['accuracy']:.4f} {_ci(r.get('accuracy_ci'))}",
+            "diff": ("reference" if d is None else
+                     f"{_pt(d['accuracy_diff'])} [{_pt(d['accuracy_diff_ci'][0])}, "
+                     f"{_pt(d['accuracy_diff_ci'][1])}]" + (" (noise)" if d["within_noise"]
+                                                            else "")),
+            "macro_f1": f"{r['macro_f1']:.4f} {_ci(r.get('macro_f1_ci'))}",
+            **{k: r.get(k) for k in ("model_throughput_per_s", "throughput_per_s",
+                                     "tokenize_ms_per_example", "latency_p50_ms",
+                                     "latency_p95_ms", "model_latency_p50_ms", "size_mb",
+                                     "tokens_per_example", "gflops_per_example")},
+        })
+    return rows
+
+
 SYSTEM_COLUMNS = [
-    ("system", "system", ""), ("runtime", "runtime", ""), ("accuracy", "accuracy", ".4f"),
-    ("macro_f1", "macro-F1", ".4f"), ("latency_p50_ms", "p50 ms", ".2f"),
-    ("latency_p95_ms", "p95 ms", ".2f"), ("throughput_per_s", "ex/s", ".1f"),
-    ("size_mb", "MB", ".1f"), ("parameters", "params", ","),
+    ("system", "system", ""), ("runtime", "runtime", ""),
+    ("accuracy", "accuracy [95% CI]", ""), ("diff", "Δ acc vs best teacher, pt [95% CI]", ""),
+    ("macro_f1", "macro-F1 [95% CI]", ""),
+    ("model_throughput_per_s", "model ex/s", ".1f"), ("throughput_per_s", "end-to-end ex/s", ".1f"),
+    ("tokenize_ms_per_example", "tokenize ms/ex", ".2f"),
+    ("latency_p50_ms", "p50 ms (e2e)", ".2f"), ("latency_p95_ms", "p95 ms (e2e)", ".2f"),
+    ("model_latency_p50_ms", "p50 ms (model)", ".2f"), ("size_mb", "MB", ".1f"),
     ("tokens_per_example", "tokens/ex", ".1f"), ("gflops_per_example", "GFLOPs/ex", ".3f"),
 ]
 
 
+def _speed_rows(metrics: dict) -> list[dict]:
+    systems, ratios = metrics["systems"], metrics["ratios"]
+    return [{"system": name,
+             "vs_best": ratios[f"{name}_throughput_vs_best_teacher"],
+             "model_vs_best": ratios[f"{name}_model_throughput_vs_best_teacher"],
+             "vs_eager": ratios[f"{name}_throughput_vs_teacher_pytorch"]}
+            for name, r in systems.items() if r["side"] == "student"]
+
+
 def markdown(metrics: dict) -> str:
-    """The evaluation report (also the Prefect artifact): systems, ratios, cascade, fronts."""
-    rows = [{"system": name, **r} for name, r in metrics["systems"].items()]
-    lines = [f"# Evaluation: {metrics['test_examples']} test examples", ""]
-    lines += _table(rows, SYSTEM_COLUMNS) + [""]
-    lines += ["## Ratios", ""] + [f"- {k}: {v:.3f}" for k, v in metrics["ratios"].items()]
+    """The evaluation report (also the Prefect artifact): systems with intervals, speed ratios
+    against the best teacher runtime, the validation-chosen cascade, fronts, noise."""
+    best = metrics["best_teacher"]
+    h = metrics["headline"]
+    u = metrics["uncertainty"]
+    lines = [f"# Evaluation: {metrics['test_examples']} test examples", "",
+             f"**{h['student']}** runs **{h['throughput_vs_best_teacher']:.2f}x** the best teacher "
+             f"runtime (**{best}**) end to end ({h['model_throughput_vs_best_teacher']:.2f}x in "
+             f"model time; {h['throughput_vs_teacher_pytorch']:.2f}x PyTorch eager) at "
+             f"{_pt(h['accuracy_diff'])} pt accuracy (95% CI [{_pt(h['accuracy_diff_ci'][0])}, "
+             f"{_pt(h['accuracy_diff_ci'][1])}]; McNemar exact p = {h['mcnemar_p']:.3g}"
+             + ("; within noise" if h["within_noise"] else "") + ").", "",
+             f"Best teacher runtime: the fastest teacher system whose accuracy lies within the "
+             f"95% interval of the most accurate one. Intervals: {u['method']}, "
+             f"{u['resamples']} resamples, seed {u['seed']}. Model time: padded tensors in, "
+             "logits out; end to end: text in, logits out (tokenisation + padding + model); "
+             "medians over timing rounds, threads pinned.", ""]
+    lines += _table(_system_rows(metrics), SYSTEM_COLUMNS) + [""]
+    lines += ["## Speed of each student against the teacher", ""]
+    lines += _table(_speed_rows(metrics), [
+        ("system", "student system", ""),
+        ("vs_best", f"end-to-end vs {best}", ".2f"),
+        ("model_vs_best", f"model time vs {best}", ".2f"),
+        ("vs_eager", "end-to-end vs teacher (PyTorch eager)", ".2f")]) + [""]
+    lines += ["## Other ratios", ""] + [
+        f"- {k}: {v:.3f}" for k, v in metrics["ratios"].items()
+        if not k.endswith(("_vs_best_teacher", "_vs_teacher_pytorch"))]
+    noise = [n for n, r in metrics["systems"].items()
+             if r.get("vs_best_teacher", {}).get("within_noise")]
+    lines += ["", "## Within noise", "",
+              (f"The accuracy difference from {best} is within noise (its 95% interval contains "
+               f"0) for: {', '.join(noise)}. Rank these on cost, not on accuracy."
+               if noise else f"Every system's accuracy differs from {best} beyond noise.")]
     fronts = metrics.get("pareto", {})
     if fronts:
-        lines += ["", "## Pareto fronts (not dominated on accuracy and cost)", ""]
+        lines += ["", "## Pareto fronts (not dominated on accuracy and cost, point estimates)",
+                  ""]
         lines += [f"- accuracy vs {axis}: {', '.join(names)}" for axis, names in fronts.items()]
     c = metrics.get("cascade")
     if c:
-        lines += ["", f"## Cascade: {c['student']} first, teacher when {c['confidence']} "
+        lines += ["", f"## Cascade: {c['student']} first, {c['teacher']} when {c['confidence']} "
                   f"confidence < threshold", ""]
         chosen = c.get("chosen")
         if chosen:
+            d = chosen["vs_best_teacher"]
             lines.append(
-                f"Target accuracy {c['target_accuracy']:.4f}: threshold "
-                f"{chosen['threshold']:.2f} gives accuracy {chosen['accuracy']:.4f}, defers "
-                f"{100 * chosen['deferred_fraction']:.1f}% to the teacher, expected "
-                f"{chosen['expected_latency_ms']:.2f} ms/example "
-                f"({chosen['speedup_vs_teacher']:.2f}x faster than the teacher alone).")
+                f"Threshold **{chosen['threshold']:.2f}**, chosen on the validation split "
+                f"({c['validation_examples']} examples: cheapest threshold reaching "
+                f"{c['target_accuracy']:.4f}, where it scored "
+                f"{chosen['validation_accuracy']:.4f}). On test: accuracy "
+                f"{chosen['accuracy']:.4f} {_ci(chosen['accuracy_ci'])} "
+                f"({_pt(d['accuracy_diff'])} pt vs {c['teacher']}, "
+                f"[{_pt(d['accuracy_diff_ci'][0])}, {_pt(d['accuracy_diff_ci'][1])}]), "
+                f"{100 * chosen['deferred_fraction']:.1f}% deferred, "
+                f"{chosen['expected_ms_per_example']:.2f} ms per example "
+                f"(**{chosen['speedup_vs_teacher']:.2f}x** faster than {c['teacher']} alone). "
+                f"Cost: {c['cost']}.")
         else:
-            lines.append(f"No threshold reaches the target accuracy "
-                         f"{c['target_accuracy']:.4f}.")
-    best = metrics.get("best_student")
-    if best:
-        lines += ["", f"## Per-class F1: {best['system']}", ""]
-        lines += _table([{"class": k, **v} for k, v in best["per_class"].items()],
+            lines.append(f"No threshold reaches the target accuracy {c['target_accuracy']:.4f} "
+                         "on the validation split.")
+    best_student = metrics.get("best_student")
+    if best_student:
+        lines += ["", f"## Per-class F1: {best_student['system']}", ""]
+        lines += _table([{"class": k, **v} for k, v in best_student["per_class"].items()],
                         [("class", "class", ""), ("precision", "precision", ".3f"),
                          ("recall", "recall", ".3f"), ("f1", "F1", ".3f"),
                          ("support", "support", "")])

@@ -181,11 +181,11 @@ def run(params: Params) -> dict:
     if finetune:
         metrics["epochs_trained"] = val["epochs_trained"]
 
-    with atomic_dir(params.paths.teacher, params) as out:
+    with atomic_dir(params.paths.teacher, params, "teacher") as out:
         model.hf.save_pretrained(out, safe_serialization=True)
         hf_tok.save_pretrained(out)
         write_json(out / "metrics.json", metrics)
-        with atomic_dir(params.paths.teacher_outputs, params) as cache:
+        with atomic_dir(params.paths.teacher_outputs, params, "teacher") as cache:
             np.savez(
                 cache / OUTPUTS_FILE,
                 **{f"{s}_logits": outputs[s][0] for s in SPLITS},

@@ -4,7 +4,7 @@ Produces in `paths.export`/tensorrt/, one set per precision in `export.tensorrt.
 `<precision>.engine` (serialised TensorRT engine), `<precision>.onnx` (the exact graph it was
 built from) and `<precision>.engine.json` (sidecar: TensorRT version, GPU, profiles, precision,
 layers pinned to FP32, build time). The export stage calls `export_engines`, which checks each
-engine against ONNX Runtime on the parity batches; the evaluate stage calls `evaluate_systems`.
+engine against ONNX Runtime on the parity batches; the evaluate stage calls `evaluate_runners`.
 Without a GPU or TensorRT both return a "skipped (reason)" status instead (`enabled: auto`), or
 fail with a `StageError` that says what is missing (`enabled: true`).
 
@@ -610,7 +610,7 @@ def export_engines(params: Params, onnx_path: str | Path, out_dir: str | Path, p
             f"machine with a CUDA GPU and TensorRT 10 ({INSTALL_HINT}), or set "
             "export.tensorrt.enabled: auto to skip TensorRT where it is unavailable "
             "(false to never build engines).")
-    from components.export import session
+    from components.runtimes import ort_session as session
 
     folder = Path(out_dir) / ENGINE_DIR
     feeds = [_as_feed(b) for b in parity_batches]
@@ -642,13 +642,10 @@ def export_engines(params: Params, onnx_path: str | Path, out_dir: str | Path, p
     return result
 
 
-def evaluate_systems(params: Params, export_dir: str | Path, tokenizer, max_length: int,
-                     n_params: int, **system_fields) -> tuple[list, str | None]:
-    """`System`s for the engines the export stage built (`student_trt_<precision>`), or
-    `([], reason)` when there are none to run here. `system_fields` go to every `System` as
-    they are (e.g. `flops=`, `min_length=`: the student's, since an engine is the student)."""
-    from components.evaluate import System
-
+def evaluate_runners(params: Params, export_dir: str | Path) -> tuple[list, str | None]:
+    """`(name, runner, size_bytes)` for each engine the export stage built
+    (`student_trt_<precision>`; a runner takes torch CPU tensors like every other runner), or
+    `([], reason)` when there are none to run here."""
     export_dir = Path(export_dir)
     try:
         entry = read_json(export_dir / "metrics.json").get("tensorrt")
@@ -663,24 +660,21 @@ def evaluate_systems(params: Params, export_dir: str | Path, tokenizer, max_leng
     ok, reason = availability()
     if not ok:
         return [], f"skipped (engines exist but cannot run here: {reason})"
-    systems = []
+    runners = []
     for precision in PRECISIONS:
         if entry.get(precision, {}).get("status") != "built":
             continue
         path = export_dir / ENGINE_DIR / f"{precision}.engine"
         try:
-            runner = TensorRTRunner(path)
+            engine = TensorRTRunner(path)
         except StageError as err:
             return [], f"skipped ({err})"
-        systems.append(System(
-            name=f"student_trt_{precision}", runtime="tensorrt", run=_system_run(runner),
-            tokenizer=tokenizer, max_length=max_length, size_bytes=file_size(path),
-            parameters=n_params, **system_fields))
-    return systems, None if systems else "no TensorRT engine marked built in export metrics"
+        runners.append((f"student_trt_{precision}", _torch_inputs(engine), file_size(path)))
+    return runners, None if runners else "no TensorRT engine marked built in export metrics"
 
 
-def _system_run(runner: TensorRTRunner):
-    def run(input_ids, mask) -> np.ndarray:  # torch CPU tensors from evaluate's pad_batch
+def _torch_inputs(runner: TensorRTRunner):
+    def run(input_ids, mask) -> np.ndarray:  # torch CPU tensors, as from TextEncoder
         return runner(input_ids.numpy(), mask.numpy())
 
     return run

@@ -16,11 +16,19 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
 
-def encode(tokenizer: Tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+def configured(tokenizer: Tokenizer, max_length: int) -> Tokenizer:
+    """A copy of `tokenizer` that truncates at `max_length` and does not pad (batches are padded
+    by `pad_batch`). Copying re-parses the whole vocabulary (tens of ms), so callers that encode
+    repeatedly configure once and keep the copy (see `components.runtimes.TextEncoder`)."""
     tok = Tokenizer.from_str(tokenizer.to_str())  # never mutate the caller's tokenizer settings
     tok.no_padding()
     tok.enable_truncation(max_length)
-    return [e.ids for e in tok.encode_batch(list(texts))]
+    return tok
+
+
+def encode(tokenizer: Tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids of a whole split in one call (configures a copy: not for per-batch loops)."""
+    return [e.ids for e in configured(tokenizer, max_length).encode_batch(list(texts))]
 
 
 def pad_id(tokenizer: Tokenizer) -> int:

@@ -125,7 +125,7 @@ def run(params: Params) -> dict:
                      for e in tok.encode_batch(eval_texts)])
         ),
     }
-    with atomic_dir(params.paths.tokenizer, params) as out:
+    with atomic_dir(params.paths.tokenizer, params, "tokenizer") as out:
         tok.save(str(out / TOKENIZER_FILE))
         write_json(out / "metrics.json", metrics)
     print(

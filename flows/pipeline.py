@@ -69,7 +69,8 @@ def publish(repo: str, stages: list[dict], metrics: dict, overrides: dict) -> No
 
     params = load_params(Path(repo) / "params.yaml")
     evaluate_dir = Path(repo) / params.paths.evaluate
-    systems = [{"system": name, **{k: v for k, v in m.items() if k != "runtime"}}
+    systems = [{"system": name, **{k: v for k, v in m.items()
+                                   if k != "runtime" and isinstance(v, str | int | float)}}
                for name, m in metrics["systems"].items()]
     ran = ", ".join(s["stage"] for s in stages if s["ran"]) or "none (all up to date)"
     # The evaluate stage's own report (systems, ratios, Pareto fronts, cascade, per-class F1),

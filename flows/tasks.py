@@ -119,20 +119,27 @@ def read_metrics(repo: str) -> dict[str, Any]:
 def summarize(metrics: dict[str, Any]) -> dict[str, float]:
     """The handful of numbers a sweep table compares, flat."""
     systems, ratios = metrics["systems"], metrics["ratios"]
+    headline = metrics.get("headline") or {}
     row = {
         "teacher_accuracy": systems["teacher"]["accuracy"],
         "student_accuracy": systems["student"]["accuracy"],
         "student_macro_f1": systems["student"]["macro_f1"],
         "student_onnx_per_s": systems["student_onnx"]["throughput_per_s"],
-        "onnx_speedup_vs_teacher": ratios["student_onnx_throughput_vs_teacher"],
-        "student_size_mb": systems["student"]["size_mb"],
     }
+    if headline:
+        best = metrics["best_teacher"]
+        row["best_teacher_accuracy"] = systems[best]["accuracy"]
+        row["best_teacher_per_s"] = systems[best]["throughput_per_s"]
+        row["headline_accuracy_diff"] = headline["accuracy_diff"]
+        row["headline_speedup_vs_best_teacher"] = headline["throughput_vs_best_teacher"]
+    row["student_size_mb"] = systems["student"]["size_mb"]
     if "student_onnx_int8" in systems:
         row["int8_accuracy"] = systems["student_onnx_int8"]["accuracy"]
         row["int8_speedup_vs_fp32"] = ratios["int8_throughput_vs_fp32"]
-    if "cascade_speedup_vs_teacher" in ratios:
+    if (metrics.get("cascade") or {}).get("chosen"):
         row["cascade_accuracy"] = metrics["cascade"]["chosen"]["accuracy"]
-        row["cascade_speedup_vs_teacher"] = ratios["cascade_speedup_vs_teacher"]
+        row["cascade_speedup_vs_best_teacher"] = metrics["cascade"]["chosen"][
+            "speedup_vs_teacher"]
     return {k: round(float(v), 4) for k, v in row.items()}
 
 

@@ -68,3 +68,81 @@ def test_outputs_and_metrics_use_paths_keys():
 def test_every_stage_section_is_tracked_by_a_stage():
     tracked = {p.split(".")[0] for s in DVC["stages"].values() for p in s["params"]}
     assert tracked >= set(PARAMS) - {"paths", "tracking"}
+
+
+def _imported_project_files(module: str) -> set[str]:
+    """Files of the project that `python -m <module>` can import, transitively (static: every
+    `import`/`from ... import` anywhere in a module, function-level imports included)."""
+    import ast
+
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        path = ROOT.joinpath(*parts)
+        file = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        if not file.is_file():
+            continue
+        rel = file.relative_to(ROOT).as_posix()
+        if rel in seen:
+            continue
+        seen.add(rel)
+        if name == module and path.is_dir():  # `python -m package` runs package/__main__.py
+            todo.append(f"{name}.__main__")
+        for parent in range(1, len(parts)):  # importing a.b runs a/__init__.py
+            todo.append(".".join(parts[:parent]))
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                todo.append(node.module)
+                todo += [f"{node.module}.{a.name}" for a in node.names]
+    return {f for f in seen if f.split("/")[0] in ("components", "flows")}
+
+
+def test_code_deps_cover_every_imported_project_file():
+    """dvc.yaml's code deps are derived from imports: a stage whose code imports a project file
+    it does not depend on would stay 'up to date' after that file changed."""
+    for name, stage in DVC["stages"].items():
+        module = stage["cmd"].removeprefix("python -m ")
+        deps = [d for d in stage["deps"] if not d.startswith("${")]
+        missing = sorted(f for f in _imported_project_files(module)
+                         if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps))
+        assert not missing, f"stage {name}: add to dvc.yaml deps: {missing}"
+
+
+def test_stage_params_match_dvc_yaml():
+    """params.json beside each output holds exactly the params its stage declares."""
+    from components.config import STAGE_PARAMS, stage_params
+
+    assert {n: list(s["params"]) for n, s in DVC["stages"].items()} == {
+        n: list(keys) for n, keys in STAGE_PARAMS.items()}
+    params = load_params(ROOT / "params.yaml")
+    assert stage_params(params, "tokenizer") == {
+        "tokenizer": PARAMS["tokenizer"], "teacher": {"model": PARAMS["teacher"]["model"]},
+        "distill": {"max_length": PARAMS["distill"]["max_length"]}}
+
+
+def _md5(path) -> str:
+    import hashlib
+
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_committed_lock_matches_the_code():
+    """Every code dependency recorded in dvc.lock has the md5 of the file as it is now: a stage
+    edited without rerunning it (and committing the lock) fails here, not on a user's machine."""
+    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
+    assert set(lock) == set(DVC["stages"]), "dvc.lock misses a stage: run dvc repro, commit"
+    stale = []
+    for name, stage in lock.items():
+        declared = [d for d in DVC["stages"][name]["deps"] if not d.startswith("${")]
+        recorded = {d["path"]: d for d in stage["deps"]}
+        for dep in declared:
+            entry = recorded.get(dep)
+            if entry is None:
+                stale.append(f"{name}: {dep} not in dvc.lock")
+            elif (ROOT / dep).is_file() and entry["md5"] != _md5(ROOT / dep):
+                stale.append(f"{name}: {dep} changed since dvc.lock was written")
+    assert not stale, "rerun the stages (dvc repro) and commit dvc.lock:\n" + "\n".join(stale)

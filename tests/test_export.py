@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from components.common import StageError
-from components.export import ParityError, check_parity, export_onnx, session
+from components.export import ParityError, check_parity, export_onnx
+from components.runtimes import ort_session as session
 from components.textdata import pad_batch
 from tests.test_distill import tiny_student
 

@@ -28,7 +28,8 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
     first = sh([*dvc, "repro"], repo)
     assert stages_run(first) == ["prepare", "tokenizer", "teacher", "distill", "export", "evaluate"]
     metrics = json.loads((repo / "artifacts/evaluate/metrics.json").read_text())
-    assert set(metrics["systems"]) == {"teacher", "student", "student_onnx", "student_onnx_int8"}
+    assert set(metrics["systems"]) == {"teacher", "teacher_onnx", "teacher_onnx_int8", "student",
+                                       "student_onnx", "student_onnx_int8"}
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == {
         "prepare",

@@ -3,7 +3,6 @@ builds and parity run only on a CUDA GPU with TensorRT 10 (marked `gpu`, skipped
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import sys
 import types
@@ -163,18 +162,18 @@ def test_build_and_runner_refuse_clearly_without_tensorrt(tmp_path, tiny_onnx, u
 def test_evaluate_reports_why_there_are_no_engines(tmp_path, unavailable):
     params = params_with(tmp_path)
     export = tmp_path / "export"
-    systems, reason = trt_engines.evaluate_systems(params, export, None, 32, 1)
+    systems, reason = trt_engines.evaluate_runners(params, export)
     assert systems == [] and "metrics.json not found" in reason
 
     write_json(export / "metrics.json", {"fp32": {}})
-    systems, reason = trt_engines.evaluate_systems(params, export, None, 32, 1)
+    systems, reason = trt_engines.evaluate_runners(params, export)
     assert systems == [] and "dvc repro -f export" in reason
 
     write_json(export / "metrics.json", {"tensorrt": {"status": f"skipped ({NO_GPU})"}})
-    assert trt_engines.evaluate_systems(params, export, None, 32, 1) == ([], f"skipped ({NO_GPU})")
+    assert trt_engines.evaluate_runners(params, export) == ([], f"skipped ({NO_GPU})")
 
     write_json(export / "metrics.json", {"tensorrt": {"status": "built", "fp16": {}}})
-    systems, reason = trt_engines.evaluate_systems(params, export, None, 32, 1)
+    systems, reason = trt_engines.evaluate_runners(params, export)
     assert systems == [] and "engines exist but cannot run here" in reason and NO_GPU in reason
 
 
@@ -422,16 +421,11 @@ def test_export_engines_checks_parity_and_reports_each_precision(tmp_path, tiny_
     assert result["int8"]["calibration"] == "parity batches"
 
     write_json(tmp_path / "metrics.json", {"tensorrt": result})
-    from components.evaluate import System
-
-    fields = {f.name for f in dataclasses.fields(System)}
-    extra = {"flops": lambda n: 2.0 * n} if "flops" in fields else {}
-    systems, reason = trt_engines.evaluate_systems(params, tmp_path, "tok", 16, 123, **extra)
+    runners, reason = trt_engines.evaluate_runners(params, tmp_path)
     assert reason is None
-    assert [(s.name, s.runtime, s.parameters) for s in systems] == [
-        ("student_trt_fp16", "tensorrt", 123), ("student_trt_int8", "tensorrt", 123)]
+    assert [name for name, _, _ in runners] == ["student_trt_fp16", "student_trt_int8"]
     ids, mask = parity[0]
-    assert systems[0].run(ids, mask).shape == (3, 3)
+    assert runners[0][1](ids, mask).shape == (3, 3)
 
     monkeypatch.setattr(OrtEngine, "offset", 1.0)
     with pytest.raises(trt_engines.TensorRTParityError, match=r"fp16 engine .* 1\.000e\+00"):

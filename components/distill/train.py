@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from components.common import StageError, atomic_dir, stage_main, write_json
-from components.config import Params
+from components.config import Params, layer_map_problem, teacher_layer_count
 from components.distill.losses import DistillationLoss, FeatureDistillationLoss
 from components.distill.student import Student, StudentConfig, save
 from components.prepare import load_label_names, load_split
@@ -51,19 +51,29 @@ def build_loss(params: Params, teacher_hidden: int):
                                    f.hidden_weight, f.layer_map)
 
 
+def check_layer_map(params: Params, teacher_layers: int | None) -> None:
+    """Stop before any work when `distill.feature.layer_map` names a teacher layer that does
+    not exist (params validation cannot know the teacher's depth)."""
+    if teacher_layers is None:
+        return
+    problem = layer_map_problem(params.distill.feature.layer_map, teacher_layers,
+                                params.paths.teacher)
+    if problem:
+        raise StageError(problem)
+
+
 def run(params: Params) -> dict:
     cfg = params.distill
+    check_layer_map(params, teacher_layer_count(params.paths.teacher))
     configure_torch(params)
     tok = load_tokenizer(params)
     pad = pad_id(tok)
     labels = load_label_names(params)
     teacher = load_outputs(params)
     data = {}
-    n_teacher_layers = teacher["train_layers"].shape[1]
-    bad = {t for t in cfg.feature.layer_map.values() if not 0 <= t < n_teacher_layers}
-    if bad:
-        raise StageError(f"distill.feature.layer_map teacher layers {sorted(bad)} outside "
-                         f"0..{n_teacher_layers - 1} (0 = embeddings)")
+    # The cached outputs hold the embeddings + every layer: the same check, in case they
+    # disagree with the teacher's config.json.
+    check_layer_map(params, teacher["train_layers"].shape[1] - 1)
     for split in ("train", "validation"):
         frame = load_split(params, split)
         targets = {"teacher_logits": teacher[f"{split}_logits"]}
@@ -90,7 +100,7 @@ def run(params: Params) -> dict:
         "merge_layers": model.cfg.merging_layers(),
         "min_tokens": model.cfg.min_tokens(),
     }
-    with atomic_dir(params.paths.student, params) as out:
+    with atomic_dir(params.paths.student, params, "distill") as out:
         save(model.eval(), out)
         shutil.copyfile(Path(params.paths.tokenizer) / TOKENIZER_FILE, out / TOKENIZER_FILE)
         write_json(out / "metrics.json", metrics)

@@ -27,10 +27,18 @@ def leftovers(folder: Path) -> list[str]:
                   if p.name.startswith((f".{folder.name}.tmp-", f".{folder.name}.old-")))
 
 
-def run_stage_cli(stage: str, raw_params: dict, cwd: Path) -> subprocess.CompletedProcess:
-    """`python -m components.<stage>` as DVC runs it: params.yaml in the working folder."""
+def run_stage_cli(stage: str, raw_params: dict, cwd: Path,
+                  env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m components.<stage>` as DVC runs it: params.yaml in the working folder (the
+    project root), `paths.*` relative to it as params.yaml requires (absolute entries inside
+    `cwd` are made relative; any other value is written as given)."""
     cwd.mkdir(parents=True, exist_ok=True)
+    paths = raw_params.get("paths")
+    if isinstance(paths, dict):
+        paths = {k: os.path.relpath(v, cwd) if isinstance(v, str) and Path(v).is_absolute()
+                 and Path(v).is_relative_to(cwd) else v for k, v in paths.items()}
+        raw_params = {**raw_params, "paths": paths}
     (cwd / "params.yaml").write_text(yaml.safe_dump(raw_params, sort_keys=False))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", **(env or {})}
     return subprocess.run([sys.executable, "-m", f"components.{stage}"], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)

@@ -79,7 +79,7 @@ def test_malformed_jsonl_lines_fail_the_cli_in_strict_mode(tmp_path, previous):
     assert dropped(report) == {"malformed": 2, "missing_field": 1}
 
     proc = run_stage_cli("prepare", raw_for(tmp_path, src, **{"prepare.on_bad_rows": "error"}),
-                         tmp_path / "cli")
+                         tmp_path / "work")
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip()
     assert err.startswith("prepare: error:") and "Traceback" not in err
@@ -128,7 +128,7 @@ def test_empty_or_whitespace_texts_are_counted_and_all_empty_is_an_error(tmp_pat
 def test_missing_column_exits_2_naming_the_columns(tmp_path, previous):
     src = tmp_path / "d.csv"
     GOOD.rename(columns={"label": "topic"}).to_csv(src, index=False)
-    proc = run_stage_cli("prepare", raw_for(tmp_path, src), tmp_path / "cli")
+    proc = run_stage_cli("prepare", raw_for(tmp_path, src), tmp_path / "work")
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"prepare: error: {src}: missing column(s) ['label']; it has "
                                   "['text', 'topic']")

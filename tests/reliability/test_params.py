@@ -73,7 +73,7 @@ def test_every_problem_at_once_through_a_stage_cli(tmp_path):
     raw["tokenizer"]["vocab_size"] = 3                     # below the special tokens
     raw["distill"]["heads"] = 3                            # 32 % 3 != 0
     raw["distill"]["merge"].update(method="tome", r=20)    # 20 * 2 + 2 > max_length 32
-    proc = run_stage_cli("prepare", raw, tmp_path / "cli")
+    proc = run_stage_cli("prepare", raw, tmp_path)
     assert proc.returncode == 2
     err = proc.stderr
     assert err.startswith("prepare: error: params.yaml has 4 problem(s):")

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from components import prepare
 from components.config import validate
-from tests.conftest import tiny_raw_params
+from tests.conftest import ROOT, tiny_raw_params
 from tests.reliability.conftest import snapshot
 
 
@@ -37,8 +38,8 @@ def test_tokenizer_rerun_is_byte_identical(tmp_path, dataset_csv, tiny_teacher, 
     import subprocess
     import sys
 
-    params = validate(tiny_raw_params(tmp_path, dataset_csv, tiny_teacher,
-                                      **{"tokenizer.type": kind, "tokenizer.vocab_size": 300}))
+    sizes = {"tokenizer.type": kind, "tokenizer.vocab_size": 300}
+    params = validate(tiny_raw_params(tmp_path, dataset_csv, tiny_teacher, **sizes))
     tok = Path(params.paths.tokenizer)
     prepare.run(params)
     script = ("import sys; from components import tokenizer; "
@@ -47,11 +48,14 @@ def test_tokenizer_rerun_is_byte_identical(tmp_path, dataset_csv, tiny_teacher, 
     params_file = tmp_path / "params.yaml"
     import yaml
 
-    params_file.write_text(yaml.safe_dump(params.to_dict()))
+    # As DVC runs it: params.yaml in the project folder, paths.* relative to it.
+    params_file.write_text(yaml.safe_dump(tiny_raw_params(None, dataset_csv, tiny_teacher,
+                                                          **sizes)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     snapshots = []
     for _ in range(2):
         subprocess.run([sys.executable, "-c", script, str(params_file)], check=True,
-                       cwd=Path(__file__).resolve().parents[2], capture_output=True)
+                       cwd=tmp_path, env=env, capture_output=True)
         snapshots.append(snapshot(tok))
     first, again = snapshots
     assert set(first) == {"tokenizer.json", "metrics.json", "params.json"}

@@ -1,0 +1,98 @@
+"""Model runners shared by export, evaluate and the benchmarks: one way to build an ONNX Runtime
+session, pin threads, name the graph's inputs and outputs, and turn text into padded batches.
+
+Every runner has the same signature, `run(input_ids, attention_mask) -> logits` (int64 torch
+tensors in, float numpy logits out), so a timing loop treats PyTorch, ONNX Runtime and TensorRT
+alike. `TextEncoder` holds a tokenizer configured once (truncation at `max_length`, no
+padding): nothing is rebuilt per call, so a timed call measures tokenisation and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from components.common import StageError
+from components.textdata import configured, pad_batch, pad_id
+
+INPUTS = ("input_ids", "attention_mask")
+OUTPUTS = ("logits",)
+
+Runner = Callable[[torch.Tensor, torch.Tensor], np.ndarray]
+
+
+def pin_torch_threads(threads: int) -> None:
+    """Intra-op threads as asked, one inter-op thread (the same pinning as ORT sessions).
+
+    Torch refuses to change the inter-op pool once it has been used, so a second call in the
+    same process keeps the first setting (the intra-op count is still applied)."""
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # already set, or the pool already started
+        torch.set_num_interop_threads(1)
+
+
+def ort_session(path: str | Path, threads: int = 0):
+    """An ONNX Runtime CPU session; with `threads`, intra-op pinned to it and inter-op to 1
+    (sequential execution), so runs are comparable to PyTorch pinned the same way."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path} not found: run the export stage (dvc repro export)")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # warnings about unused initialisers are not the user's problem
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as err:  # ORT raises its own exception types for bad models
+        raise StageError(f"{path} cannot be loaded by ONNX Runtime ({err}); rerun the export "
+                         "stage (dvc repro -f export)") from None
+
+
+def onnx_runner(sess) -> Runner:
+    def run(input_ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+        return sess.run(list(OUTPUTS), {"input_ids": input_ids.numpy(),
+                                        "attention_mask": mask.numpy()})[0]
+
+    return run
+
+
+def torch_runner(model: torch.nn.Module) -> Runner:
+    model.eval()
+
+    def run(input_ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return model(input_ids, mask).float().numpy()
+
+    return run
+
+
+class TextEncoder:
+    """Text to padded batches with a tokenizer configured once.
+
+    Args:
+        tokenizer: a `tokenizers.Tokenizer` (a copy is configured; the caller's is untouched).
+        max_length: truncation length, special tokens included.
+        min_length: shortest padded length (a token-merging student needs this many positions).
+    """
+
+    def __init__(self, tokenizer, max_length: int, min_length: int = 1):
+        self.tokenizer = configured(tokenizer, max_length)
+        self.max_length, self.min_length = max_length, min_length
+        self.pad = pad_id(tokenizer)
+
+    def ids(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts))]
+
+    def batch(self, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_batch(ids, self.pad, self.min_length)
+
+    def __call__(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batch(self.ids(texts))

@@ -1,0 +1,319 @@
+"""Inputs that cannot hurt: params that would make a stage delete source code or write outside
+the project, impossible values that used to validate, an empty data source, and inputs that
+used to end in a Python traceback. Each is refused up front with the key named, or stops the
+stage with one `<stage>: error:` line and exit status 2; earlier good outputs stay as they were.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components import prepare, tokenizer
+from components.cli import main as still
+from components.common import StageError, atomic_dir
+from components.config import ParamsError, load_params, validate
+from tests.conftest import ROOT, make_examples, tiny_raw_params
+from tests.reliability.conftest import leftovers, run_stage_cli, snapshot
+
+GOOD = make_examples(per_class=8, seed=3).drop_duplicates("text").reset_index(drop=True)
+
+
+def production() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def project_params(tmp_path: Path) -> Path:
+    """A project folder holding the production params.yaml (the root for its paths.*)."""
+    path = tmp_path / "project" / "params.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text((ROOT / "params.yaml").read_text())
+    return path
+
+
+def load_problems(path: Path, overrides: dict) -> str:
+    with pytest.raises(ParamsError) as err:
+        load_params(path, overrides)
+    return str(err.value)
+
+
+def problems(raw: dict) -> str:
+    with pytest.raises(ParamsError) as err:
+        validate(raw)
+    return str(err.value)
+
+
+# 1. Paths that destroy data --------------------------------------------------------------------
+
+@pytest.mark.parametrize(("key", "value", "why"), [
+    ("data", "components", "is components, one of the project's source or control entries"),
+    ("data", "components/prepared", "is inside components"),
+    ("tokenizer", "tests", "is tests"),
+    ("student", "flows/x", "is inside flows"),
+    ("export", "infra", "is infra"),
+    ("evaluate", "benchmarks/out", "is inside benchmarks"),
+    ("teacher", ".git/objects", "is inside .git"),
+    ("teacher_outputs", ".dvc/cache", "is inside .dvc"),
+    ("wandb", "params.yaml", "is params.yaml"),
+    ("data", ".", "is the project folder itself"),
+    ("data", "data/..", "is the project folder itself"),
+    ("export", "../../tmp/x", "outside the project folder"),
+    ("student", "/tmp/still-student", "must be relative to the project folder"),
+    ("data", "", "is empty"),
+    ("tokenizer", "   ", "is empty"),
+])
+def test_params_file_refuses_an_output_path_that_would_destroy_data(tmp_path, key, value, why):
+    msg = load_problems(project_params(tmp_path), {f"paths.{key}": value})
+    assert msg.startswith(f"{tmp_path / 'project' / 'params.yaml'} has 1 problem(s):"), msg
+    assert f"  - paths.{key}: " in msg and why in msg and f"(got {value!r})" in msg, msg
+
+
+def test_output_paths_may_not_overlap_each_other(tmp_path):
+    path = project_params(tmp_path)
+    msg = load_problems(path, {"paths.tokenizer": "data/prepared"})
+    assert "paths.tokenizer: is the same folder as paths.data" in msg
+    msg = load_problems(path, {"paths.data": "artifacts"})
+    assert msg.startswith(f"{path} has 1 problem(s):")
+    assert ("paths.data: contains paths.tokenizer ('artifacts/tokenizer'), paths.teacher "
+            "('artifacts/teacher')") in msg
+    msg = load_problems(path, {"paths.student": "data/prepared/student/"})
+    assert "paths.data: contains paths.student ('data/prepared/student/')" in msg
+    # Built in code (tests, notebooks: no params.yaml, so no project root), absolute temp paths
+    # are fine but overlaps are still refused.
+    raw = tiny_raw_params(tmp_path, Path("d.csv"), Path("t"))
+    validate(raw)
+    raw["paths"]["export"] = raw["paths"]["student"] + "/export"
+    raw["paths"]["wandb"] = raw["paths"]["data"]
+    msg = problems(raw)
+    assert msg.startswith("params has 2 problem(s):")
+    assert "paths.student: contains paths.export" in msg
+    assert "paths.wandb: is the same folder as paths.data" in msg
+
+
+def test_every_path_problem_comes_with_the_other_problems_at_once(tmp_path):
+    msg = load_problems(project_params(tmp_path), {
+        "paths.data": "components", "paths.export": "../out", "paths.evaluate": "",
+        "seed": -1, "distill.lr": float("inf")})
+    assert msg.count("\n  - ") == 5 and "has 5 problem(s):" in msg
+    for key in ("seed", "distill.lr", "paths.data", "paths.export", "paths.evaluate"):
+        assert f"\n  - {key}: " in msg, key
+
+
+def test_still_validate_refuses_source_folder_as_output(capsys):
+    """`still validate --set paths.data=components` used to say ok; `prepare` then replaced
+    components/ with Parquet files."""
+    assert still(["validate", "--params", str(ROOT / "params.yaml"),
+                  "--set", "paths.data=components"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("still: ") and "paths.data: is components" in err
+
+
+def test_prepare_cli_leaves_source_folders_alone(tmp_path, dataset_csv):
+    project = tmp_path / "project"
+    package = project / "components"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text('"""source code"""\n')
+    before = snapshot(package)
+    raw = tiny_raw_params(None, dataset_csv, tmp_path / "unused", **{"paths.data": "components"})
+    proc = run_stage_cli("prepare", raw, project)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("prepare: error: params.yaml has 1 problem(s):")
+    assert "paths.data: is components" in proc.stderr and "Traceback" not in proc.stderr
+    assert snapshot(package) == before and leftovers(package) == []
+
+
+@pytest.mark.parametrize("marker", [".git", ".dvc", "dvc.yaml", "params.yaml", "__init__.py"])
+def test_atomic_dir_never_replaces_a_repository_or_source_folder(tmp_path, marker):
+    """The second line of defence, for params built in code (no project root to check
+    against): a stage whose output path points at a project or package refuses to replace it."""
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "keep.py").write_text("x = 1\n")
+    if marker.startswith("."):
+        (target / marker).mkdir()
+    else:
+        (target / marker).write_text("")
+    before = snapshot(target)
+    with (pytest.raises(StageError, match=rf"{target} holds {marker}: .*refusing to replace"),
+          atomic_dir(target) as out):
+        (out / "new").write_text("never written")
+    assert snapshot(target) == before and leftovers(target) == []
+
+
+def test_atomic_dir_never_replaces_a_file_and_a_stage_stops_before_writing(tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("precious\n")
+    with (pytest.raises(StageError, match="is an existing file, not an output folder"),
+          atomic_dir(target)):
+        pass
+    assert target.read_text() == "precious\n" and leftovers(target) == []
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    src = tmp_path / "d.csv"
+    GOOD.to_csv(src, index=False)
+    params = validate(tiny_raw_params(tmp_path / "work", src, tmp_path / "t",
+                                      **{"paths.data": str(package)}))
+    with pytest.raises(StageError, match=r"holds __init__.py"):
+        prepare.run(params)
+    assert sorted(p.name for p in package.iterdir()) == ["__init__.py"]
+
+
+# 2./3. Impossible values that used to validate -------------------------------------------------
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("distill.lr=.inf", "distill.lr: Input should be a finite number (got inf)"),
+    ("teacher.lr=.nan", "teacher.lr: Input should be a finite number (got nan)"),
+    ("export.atol=.inf", "export.atol: Input should be a finite number (got inf)"),
+    ("distill.temperature=-.inf", "distill.temperature: Input should be a finite number"),
+    ("seed=-1", "seed: Input should be greater than or equal to 0 (got -1)"),
+    (f"seed={2**32}", f"seed: Input should be less than {2**32} (got {2**32})"),
+    ("distill.epochs=true", "distill.epochs: expected a number, not a boolean"),
+    ("teacher.batch_size=yes", "teacher.batch_size: expected a number, not a boolean"),
+    ("distill.alpha=false", "distill.alpha: expected a number, not a boolean"),
+    ("distill.merge.layers=[0, true]", "distill.merge.layers: expected a number, not a boolean"),
+    ("trainer.precision=banana", "trainer.precision: Input should be '16-mixed', 'bf16-mixed'"),
+    ("trainer.precision=16-bit", "trainer.precision: Input should be"),
+    ("distill.feature.layer_map={0: -1}", "distill.feature.layer_map: teacher layers [-1] are "
+                                          "negative"),
+    ("prepare.source=", "prepare.source: is empty"),
+    ("prepare.source='   '", "prepare.source: is empty"),
+    ("teacher.model=''", "teacher.model: is empty"),
+])
+def test_still_validate_refuses_impossible_values(tmp_path, capsys, override, expected):
+    path = project_params(tmp_path)
+    assert still(["validate", "--params", str(path), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"still: {path} has 1 problem(s):\n  - "), err
+    assert expected in err, err
+
+
+@pytest.mark.parametrize("override", [
+    "trainer.precision=16", "trainer.precision=bf16-mixed", "trainer.precision='32'",
+    "seed=0", f"seed={2**32 - 1}", "distill.lr=1e-3", "distill.epochs=3.0",
+    "export.tensorrt.enabled=true", "prepare.deduplicate=false",
+])
+def test_still_validate_keeps_accepting_good_values(tmp_path, capsys, override):
+    assert still(["validate", "--params", str(project_params(tmp_path)), "--set", override]) == 0
+
+
+LAYER_MAP_99 = ("distill.feature.layer_map: teacher layers [99] outside 0..2 (the teacher in "
+                "{} has 2 layers; 0 = embeddings)")
+
+
+def test_still_validate_checks_layer_map_against_the_teacher(tmp_path, tiny_teacher, capsys):
+    """The tiny teacher has 2 layers: hidden states 0 (embeddings) .. 2. Validation reads its
+    config.json (a local folder or pkg: path; never a download)."""
+    path = project_params(tmp_path)
+    teacher = f"teacher.model={tiny_teacher}"
+    assert still(["validate", "--params", str(path), "--set", teacher,
+                  "--set", "distill.feature.layer_map={0: 2}"]) == 0
+    assert still(["validate", "--params", str(path), "--set", teacher,
+                  "--set", "distill.feature.layer_map={0: 1, 1: 99}"]) == 2
+    assert capsys.readouterr().err == (f"still: {path} has 1 problem(s):\n  - "
+                                       + LAYER_MAP_99.format(tiny_teacher) + "\n")
+    # A hub id cannot be checked without downloading it: validation says ok, distill checks.
+    assert still(["validate", "--params", str(path), "--set", "teacher.model=org/some-model",
+                  "--set", "distill.feature.layer_map={0: 99}"]) == 0
+
+
+def test_distill_checks_layer_map_before_any_work(tmp_path, tiny_teacher):
+    from components.distill import train as distill
+
+    # Nothing else exists (no data, tokenizer or teacher outputs): the check comes first.
+    params = validate(tiny_raw_params(tmp_path / "work", tmp_path / "d.csv", tiny_teacher,
+                                      **{"paths.teacher": str(tiny_teacher),
+                                         "distill.feature.layer_map": {0: 99}}))
+    with pytest.raises(StageError) as err:
+        distill.run(params)
+    assert str(err.value) == LAYER_MAP_99.format(tiny_teacher)
+    assert not (tmp_path / "work").exists()
+
+
+# 4. One line, never a traceback -----------------------------------------------------------------
+
+@pytest.fixture
+def project(tmp_path, tiny_teacher):
+    """A project folder with good earlier prepare and tokenizer outputs, and its raw params."""
+    src = tmp_path / "good.csv"
+    GOOD.to_csv(src, index=False)
+    folder = tmp_path / "project"
+    raw = tiny_raw_params(folder, src, tiny_teacher)
+    params = validate(raw)
+    prepare.run(params)
+    tokenizer.run(params)
+    return folder, raw, params
+
+
+def assert_one_error_line(proc, stage: str) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"{stage}: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr and "done in" not in proc.stdout
+    return errors[0]
+
+
+def _not_gzip(tmp_path: Path) -> str:
+    path = tmp_path / "data.csv.gz"
+    GOOD.to_csv(path.with_suffix(""), index=False)
+    path.write_bytes(path.with_suffix("").read_bytes())  # CSV text under a .gz name
+    return str(path)
+
+
+PARAMS_ERROR = "prepare: error: params.yaml has 1 problem(s):"
+CASES = {
+    # case: (change to the good params, given the tmp folder; the error line starts with;
+    #        the message also holds)
+    "missing local source": (lambda raw, t: raw["prepare"].update(
+        source=str(t / "no-such-file.csv")), "prepare: error: FileNotFoundError: ",
+        "no-such-file.csv"),
+    ".csv.gz that is not gzip": (lambda raw, t: raw["prepare"].update(source=_not_gzip(t)),
+                                 "prepare: error: BadGzipFile: ", "Not a gzipped file"),
+    "CSV read as Parquet": (lambda raw, t: raw["prepare"].update(format="parquet"),
+                            "prepare: error: ArrowInvalid: ", "Parquet"),
+    "seed -1": (lambda raw, t: raw.update(seed=-1), PARAMS_ERROR, "  - seed: "),
+    "empty paths.data": (lambda raw, t: raw["paths"].update(data=""), PARAMS_ERROR,
+                         "  - paths.data: is empty"),
+    "blank prepare.source": (lambda raw, t: raw["prepare"].update(source=" "), PARAMS_ERROR,
+                             "  - prepare.source: is empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_prepare_cli_fails_in_one_line_and_keeps_the_previous_output(project, tmp_path, case):
+    folder, raw, params = project
+    change, starts, holds = CASES[case]
+    data = Path(params.paths.data)
+    before = snapshot(data)
+    change(raw, tmp_path)
+    proc = run_stage_cli("prepare", raw, folder)
+    line = assert_one_error_line(proc, "prepare")
+    assert line.startswith(starts) and holds in proc.stderr, proc.stderr
+    if starts != PARAMS_ERROR:  # an unexpected exception: say how to see more
+        assert "rerun with STILL_DEBUG=1 to see the traceback" in proc.stderr
+    assert snapshot(data) == before and leftovers(data) == []
+
+
+def test_tokenizer_cli_on_a_truncated_split_fails_in_one_line(project, tmp_path):
+    folder, raw, params = project
+    train = Path(params.paths.data) / "train.parquet"
+    train.write_bytes(train.read_bytes()[: train.stat().st_size // 2])  # as by a full disk
+    out = Path(params.paths.tokenizer)
+    before = snapshot(out)
+    proc = run_stage_cli("tokenizer", raw, folder)
+    line = assert_one_error_line(proc, "tokenizer")
+    assert line.startswith("tokenizer: error: ArrowInvalid: "), line
+    assert snapshot(out) == before and leftovers(out) == []
+
+
+def test_still_debug_shows_the_full_traceback(tmp_path):
+    folder = tmp_path / "project"
+    raw = tiny_raw_params(folder, tmp_path / "no-such-file.csv", tmp_path / "t")
+    proc = run_stage_cli("prepare", raw, folder, env={"STILL_DEBUG": "1"})
+    assert proc.returncode == 1
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert proc.stderr.rstrip().splitlines()[-1].startswith("FileNotFoundError: ")
+    assert not (folder / "data").exists()
+

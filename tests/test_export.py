@@ -88,3 +88,18 @@ def test_merging_student_with_feature_kd_distills_exports_and_evaluates(trained_
     assert m["student"]["gflops_per_example"] < plain["student"]["gflops_per_example"]
     assert m["teacher"]["gflops_per_example"] == pytest.approx(
         plain["teacher"]["gflops_per_example"])
+
+
+def test_ort_optimizer_option_keeps_parity(tmp_path):
+    """export.ort_optimize: the fused graph still passes the parity check and INT8 export."""
+    from components.config import Export
+    from components.export import export_model
+
+    model = tiny_student()
+    data = [pad_batch([[2, 5, 6, 7, 3]] * 3, 0), pad_batch([[2, 3], [2, 9, 9, 9, 9, 9, 3]], 0)]
+    cfg = Export(ort_optimize=True)
+    result = export_model(model, data, tmp_path, "m.onnx", "m.int8.onnx", cfg,
+                          model.cfg.heads, model.cfg.hidden)
+    assert "fused_ops" in result["ort_optimize"]
+    assert result["fp32"]["max_abs_error"] < cfg.atol
+    assert result["int8"]["argmax_agreement"] >= 0.5 and (tmp_path / "m.int8.onnx").is_file()

@@ -71,7 +71,7 @@ from components.runtimes import (
     pin_torch_threads,
     torch_runner,
 )
-from components.stats import Bootstrap, mcnemar_exact, timing_summary
+from components.stats import Bootstrap, timing_summary, versus
 
 PLOT_FILE = "plots/systems.json"
 CASCADE_FILE = "plots/cascade.json"
@@ -120,31 +120,31 @@ def build_systems(params: Params) -> tuple[list[System], str | None]:
     t_enc = TextEncoder(teacher_tok.backend_tokenizer, params.teacher.max_length)
     s_enc = TextEncoder(Tokenizer.from_file(str(student_dir / STUDENT_TOKENIZER)),
                         params.distill.max_length, sc.min_tokens())
-    teachers = (t_enc, n_teacher, teacher_flops)
-    students = (s_enc, n_student, student_flops)
-    systems = [System("teacher", "pytorch", "teacher", torch_runner(teacher), t_enc,
-                      file_size(teacher_dir / "model.safetensors"), n_teacher, teacher_flops)]
-    onnx_files = [("teacher_onnx", TEACHER_FP32, teachers), ("teacher_onnx_int8", TEACHER_INT8,
-                                                             teachers)]
     if (export_dir / TEACHER_TOKENIZER).is_file():
         exported = Tokenizer.from_file(str(export_dir / TEACHER_TOKENIZER))
         if exported.to_str() != teacher_tok.backend_tokenizer.to_str():
             raise StageError(f"{export_dir / TEACHER_TOKENIZER} is not the tokenizer of the "
                              f"teacher in {teacher_dir}: rerun dvc repro export")
-    for name, file, (enc, n, flops) in onnx_files:
-        if (export_dir / file).is_file():
-            systems.append(System(name, "onnxruntime", "teacher",
-                                  onnx_runner(ort_session(export_dir / file, threads)), enc,
-                                  file_size(export_dir / file), n, flops))
-    systems.append(System("student", "pytorch", "student", torch_runner(student), s_enc,
-                          file_size(student_dir / student_io.WEIGHTS_FILE), n_student,
-                          student_flops))
-    for name, file in (("student_onnx", STUDENT_FP32), ("student_onnx_int8", STUDENT_INT8)):
-        if (export_dir / file).is_file():
-            enc, n, flops = students
-            systems.append(System(name, "onnxruntime", "student",
-                                  onnx_runner(ort_session(export_dir / file, threads)), enc,
-                                  file_size(export_dir / file), n, flops))
+    sides = {"teacher": (t_enc, n_teacher, teacher_flops),
+             "student": (s_enc, n_student, student_flops)}
+
+    def onnx_systems(side: str, files: tuple[tuple[str, str], ...]) -> list[System]:
+        enc, n, flops = sides[side]
+        return [System(name, "onnxruntime", side,
+                       onnx_runner(ort_session(export_dir / file, threads)), enc,
+                       file_size(export_dir / file), n, flops)
+                for name, file in files if (export_dir / file).is_file()]
+
+    systems = [
+        System("teacher", "pytorch", "teacher", torch_runner(teacher), t_enc,
+               file_size(teacher_dir / "model.safetensors"), n_teacher, teacher_flops),
+        *onnx_systems("teacher", (("teacher_onnx", TEACHER_FP32),
+                                  ("teacher_onnx_int8", TEACHER_INT8))),
+        System("student", "pytorch", "student", torch_runner(student), s_enc,
+               file_size(student_dir / student_io.WEIGHTS_FILE), n_student, student_flops),
+        *onnx_systems("student", (("student_onnx", STUDENT_FP32),
+                                  ("student_onnx_int8", STUDENT_INT8))),
+    ]
     runners, trt_skip = trt_engines.evaluate_runners(params, export_dir)
     for name, runner, size in runners:
         systems.append(System(name, "tensorrt", "student", runner, s_enc, size, n_student,
@@ -309,9 +309,8 @@ def plot(points: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for p in points:
-        ci = p.get("accuracy_ci")
-        yerr = ([[p["accuracy"] - ci[0]], [ci[1] - p["accuracy"]]] if ci else None)
-        ax.errorbar(p["throughput_per_s"], p["accuracy"], yerr=yerr, fmt="o", capsize=3,
+        ax.errorbar(p["throughput_per_s"], p["accuracy"], yerr=report.ci_yerr(p), fmt="o",
+                    capsize=3,
                     color="tab:red" if p.get("side") == "teacher" else "tab:blue")
         ax.annotate(p["system"], (p["throughput_per_s"], p["accuracy"]),
                     textcoords="offset points", xytext=(6, 4), fontsize=9)
@@ -361,10 +360,8 @@ def run_cascade(params: Params, results: dict[str, dict], systems: dict[str, Sys
         chosen = dict(next(p for p in test_points if p["threshold"] == picked["threshold"]))
         preds = cascade.predictions(test_logits[cfg.student], test_logits[teacher],
                                     cfg.confidence, picked["threshold"])
-        ref = test_logits[teacher].argmax(-1)
         chosen.update(boot.scores(preds))
-        chosen["vs_best_teacher"] = {**boot.difference(preds, ref),
-                                     "mcnemar_p": mcnemar_exact(preds, ref, labels)["p_value"]}
+        chosen["vs_best_teacher"] = versus(boot, preds, test_logits[teacher].argmax(-1))
     return {"student": cfg.student, "teacher": teacher, "confidence": cfg.confidence,
             "chosen_on": "validation", "validation_examples": len(v_texts),
             "teacher_validation_accuracy": t_val_acc, "target_accuracy": target,
@@ -393,31 +390,25 @@ def run(params: Params) -> dict:
     ref_preds = logits[reference].argmax(-1)
     for name, r in results.items():
         if name != reference:
-            preds = logits[name].argmax(-1)
-            r["vs_best_teacher"] = {**boot.difference(preds, ref_preds),
-                                    "mcnemar_p": mcnemar_exact(preds, ref_preds,
-                                                               labels)["p_value"]}
+            r["vs_best_teacher"] = versus(boot, logits[name].argmax(-1), ref_preds)
         tqdm.write(f"evaluate: {name:<18} acc {r['accuracy']:.4f} "
                    f"[{r['accuracy_ci'][0]:.4f}, {r['accuracy_ci'][1]:.4f}]  model "
                    f"{r['model_throughput_per_s']:.1f} ex/s  e2e {r['throughput_per_s']:.1f} "
                    f"ex/s  p50 {r['latency_p50_ms']:.2f} ms  {r['size_mb']:.1f} MB")
     by_name = {s.name: s for s in systems}
     casc = run_cascade(params, results, by_name, logits, labels, reference, boot)
+    speed = ratios(results, reference)
     metrics = {"test_examples": len(texts), "systems": results,
                "best_teacher": reference, "headline_student": headline,
-               "ratios": ratios(results, reference), "tensorrt": trt_skip or "evaluated",
+               "ratios": speed, "tensorrt": trt_skip or "evaluated",
                "uncertainty": {"method": "percentile bootstrap, paired across systems",
-                               "resamples": cfg.bootstrap, "level": 0.95, "seed": params.seed}}
-    metrics["headline"] = {
-        "student": headline, "best_teacher": reference,
-        "throughput_vs_best_teacher": results[headline]["throughput_per_s"]
-        / results[reference]["throughput_per_s"],
-        "model_throughput_vs_best_teacher": results[headline]["model_throughput_per_s"]
-        / results[reference]["model_throughput_per_s"],
-        "throughput_vs_teacher_pytorch": results[headline]["throughput_per_s"]
-        / results["teacher"]["throughput_per_s"],
-        **results[headline]["vs_best_teacher"],
-    }
+                               "resamples": cfg.bootstrap, "level": 0.95, "seed": params.seed},
+               "headline": {"student": headline, "best_teacher": reference,
+                            **{k: speed[f"{headline}_{k}"] for k in (
+                                "throughput_vs_best_teacher",
+                                "model_throughput_vs_best_teacher",
+                                "throughput_vs_teacher_pytorch")},
+                            **results[headline]["vs_best_teacher"]}}
     points = [{"system": name, **{k: v for k, v in r.items()
                                   if isinstance(v, str | int | float) or k == "accuracy_ci"}}
               for name, r in results.items()]
@@ -437,8 +428,7 @@ def run(params: Params) -> dict:
                  f"{chosen['speedup_vs_teacher']:.2f}x faster than {reference}"
                  if chosen else
                  f"reaches no threshold for target {casc['target_accuracy']:.4f} on validation"))
-    best = headline
-    best_preds = logits[best].argmax(-1)
+    best_preds = logits[headline].argmax(-1)
     print(f"evaluate: {headline} runs {metrics['headline']['throughput_vs_best_teacher']:.2f}x "
           f"the best teacher runtime ({reference}) end to end, accuracy "
           f"{100 * metrics['headline']['accuracy_diff']:+.2f} pt "
@@ -450,9 +440,9 @@ def run(params: Params) -> dict:
         write_json(out / PLOT_FILE, points)
         plot(points, out / PNG_FILE)
         metrics["pareto"] = report.plot_pareto(points, out / report.PARETO_PNG, extra)
-        cm = report.confusion(labels, best_preds, names, f"{best} on the test split",
+        cm = report.confusion(labels, best_preds, names, f"{headline} on the test split",
                               out / report.CONFUSION_PNG)
-        metrics["best_student"] = {"system": best, "per_class": cm["per_class"]}
+        metrics["best_student"] = {"system": headline, "per_class": cm["per_class"]}
         write_json(out / CONFUSION_FILE, [{"actual": names[a], "predicted": names[b]}
                                           for a, b in zip(labels, best_preds, strict=True)])
         images = [out / PNG_FILE, out / report.PARETO_PNG, out / report.CONFUSION_PNG]

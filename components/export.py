@@ -187,25 +187,6 @@ def export_model(model: torch.nn.Module, data, out: Path, fp32_name: str, int8_n
     return result
 
 
-def load_teacher_for_export(folder: Path) -> torch.nn.Module:
-    """The fine-tuned teacher with eager attention (the exporter traces plain matmul + softmax;
-    the fused SDPA path would bake the mask handling into a form ORT cannot fuse or quantise)."""
-    from transformers import AutoModelForSequenceClassification
-
-    from components.teacher import HFClassifier
-
-    if not (folder / "config.json").is_file():
-        raise StageError(f"{folder} has no teacher: run the teacher stage (dvc repro teacher)")
-    try:
-        hf = AutoModelForSequenceClassification.from_pretrained(
-            folder, attn_implementation="eager")
-    except Exception as err:  # transformers/safetensors raise many types for a bad folder
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise StageError(f"the teacher in {folder} cannot be loaded ({first}); rerun the "
-                         "teacher stage (dvc repro -f teacher)") from None
-    return HFClassifier(hf).eval()
-
-
 def run(params: Params) -> dict:
     from tokenizers import Tokenizer
 
@@ -226,9 +207,10 @@ def run(params: Params) -> dict:
             params, out / STUDENT_FP32, out, data, tokenizer, sc.min_tokens())
         shutil.copyfile(student_dir / STUDENT_TOKENIZER, out / STUDENT_TOKENIZER)
         if cfg.teacher:
-            teacher_dir = Path(params.paths.teacher)
-            teacher = load_teacher_for_export(teacher_dir)
-            t_tok = Tokenizer.from_file(str(teacher_dir / "tokenizer.json"))
+            from components.teacher import load_trained
+
+            teacher, hf_tok = load_trained(params, attn_implementation="eager")
+            t_tok = hf_tok.backend_tokenizer
             t_data = parity_batches(params, TextEncoder(t_tok, params.teacher.max_length))
             tc = teacher.hf.config
             metrics["teacher"] = export_model(

@@ -45,6 +45,12 @@ def pareto_front(points: list[dict], x: str, maximize_x: bool, y: str = "accurac
     return [p["system"] for p in sorted(front, key=lambda p: p[x])]
 
 
+def ci_yerr(point: dict) -> list[list[float]] | None:
+    """matplotlib's asymmetric `yerr` for a point's 95% accuracy interval (None without one)."""
+    ci = point.get("accuracy_ci")
+    return [[point["accuracy"] - ci[0]], [ci[1] - point["accuracy"]]] if ci else None
+
+
 def plot_pareto(points: list[dict], path: Path, extra: list[dict] | None = None) -> dict:
     """Accuracy vs throughput, vs size and vs end-to-end ms per example (with cascade points in
     `extra`), each point with its 95% accuracy interval, the front drawn in each panel. Returns
@@ -67,9 +73,7 @@ def plot_pareto(points: list[dict], path: Path, extra: list[dict] | None = None)
         fronts[key] = front
         for p in pts:
             on = p["system"] in front
-            ci = p.get("accuracy_ci")
-            yerr = [[p["accuracy"] - ci[0]], [ci[1] - p["accuracy"]]] if ci else None
-            ax.errorbar(p[key], p["accuracy"], yerr=yerr, capsize=3, ms=7 if on else 5,
+            ax.errorbar(p[key], p["accuracy"], yerr=ci_yerr(p), capsize=3, ms=7 if on else 5,
                         fmt="D" if p["system"].startswith("cascade") else "o",
                         color="tab:red" if on else "tab:blue", zorder=3)
             ax.annotate(p["system"], (p[key], p["accuracy"]), textcoords="offset points",
@@ -142,6 +146,11 @@ def _pt(v: float) -> str:
     return f"{100 * v:+.2f}"
 
 
+def _pt_ci(ci: list[float]) -> str:
+    """An accuracy-difference interval in points: `[-4.73, -0.32]`."""
+    return f"[{_pt(ci[0])}, {_pt(ci[1])}]"
+
+
 def _system_rows(metrics: dict) -> list[dict]:
     rows = []
     for name, r in metrics["systems"].items():
@@ -150,9 +159,8 @@ def _system_rows(metrics: dict) -> list[dict]:
             "system": name, "runtime": r["runtime"],
             "accuracy": f"{r['accuracy']:.4f} {_ci(r.get('accuracy_ci'))}",
             "diff": ("reference" if d is None else
-                     f"{_pt(d['accuracy_diff'])} [{_pt(d['accuracy_diff_ci'][0])}, "
-                     f"{_pt(d['accuracy_diff_ci'][1])}]" + (" (noise)" if d["within_noise"]
-                                                            else "")),
+                     f"{_pt(d['accuracy_diff'])} {_pt_ci(d['accuracy_diff_ci'])}"
+                     + (" (noise)" if d["within_noise"] else "")),
             "macro_f1": f"{r['macro_f1']:.4f} {_ci(r.get('macro_f1_ci'))}",
             **{k: r.get(k) for k in ("model_throughput_per_s", "throughput_per_s",
                                      "tokenize_ms_per_example", "latency_p50_ms",
@@ -193,8 +201,8 @@ def markdown(metrics: dict) -> str:
              f"**{h['student']}** runs **{h['throughput_vs_best_teacher']:.2f}x** the best teacher "
              f"runtime (**{best}**) end to end ({h['model_throughput_vs_best_teacher']:.2f}x in "
              f"model time; {h['throughput_vs_teacher_pytorch']:.2f}x PyTorch eager) at "
-             f"{_pt(h['accuracy_diff'])} pt accuracy (95% CI [{_pt(h['accuracy_diff_ci'][0])}, "
-             f"{_pt(h['accuracy_diff_ci'][1])}]; McNemar exact p = {h['mcnemar_p']:.3g}"
+             f"{_pt(h['accuracy_diff'])} pt accuracy (95% CI {_pt_ci(h['accuracy_diff_ci'])}; "
+             f"McNemar exact p = {h['mcnemar_p']:.3g}"
              + ("; within noise" if h["within_noise"] else "") + ").", "",
              f"Best teacher runtime: the fastest teacher system whose accuracy lies within the "
              f"95% interval of the most accurate one. Intervals: {u['method']}, "
@@ -236,7 +244,7 @@ def markdown(metrics: dict) -> str:
                 f"{chosen['validation_accuracy']:.4f}). On test: accuracy "
                 f"{chosen['accuracy']:.4f} {_ci(chosen['accuracy_ci'])} "
                 f"({_pt(d['accuracy_diff'])} pt vs {c['teacher']}, "
-                f"[{_pt(d['accuracy_diff_ci'][0])}, {_pt(d['accuracy_diff_ci'][1])}]), "
+                f"{_pt_ci(d['accuracy_diff_ci'])}), "
                 f"{100 * chosen['deferred_fraction']:.1f}% deferred, "
                 f"{chosen['expected_ms_per_example']:.2f} ms per example "
                 f"(**{chosen['speedup_vs_teacher']:.2f}x** faster than {c['teacher']} alone). "

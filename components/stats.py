@@ -85,6 +85,13 @@ class Bootstrap:
                 "within_noise": bool(ci[0] <= 0.0 <= ci[1])}
 
 
+def versus(boot: Bootstrap, preds: np.ndarray, reference: np.ndarray) -> dict:
+    """A system against a reference on the same examples: the paired bootstrap difference
+    (`Bootstrap.difference`) and McNemar's exact p-value."""
+    return {**boot.difference(preds, reference),
+            "mcnemar_p": mcnemar_exact(preds, reference, boot.labels)["p_value"]}
+
+
 def mcnemar_exact(preds: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> dict:
     """McNemar's exact test: b = examples only `preds` gets right, c = only `reference` does."""
     right_a, right_b = preds == labels, reference == labels

@@ -204,8 +204,11 @@ def load_outputs(params: Params) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def load_trained(params: Params) -> tuple[HFClassifier, object]:
-    """The fine-tuned teacher saved by this stage, and its tokenizer."""
+def load_trained(params: Params,
+                 attn_implementation: str | None = None) -> tuple[HFClassifier, object]:
+    """The fine-tuned teacher saved by this stage, and its tokenizer. `attn_implementation`
+    goes to transformers as it is (export asks for "eager": the ONNX exporter traces plain
+    matmul + softmax, which ORT can quantise)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     folder = Path(params.paths.teacher)
@@ -213,7 +216,8 @@ def load_trained(params: Params) -> tuple[HFClassifier, object]:
         raise StageError(f"{folder} has no teacher: run the teacher stage (dvc repro teacher)")
     with _loading(f"the teacher in {folder} (model.safetensors / config.json)",
                   "rerun the teacher stage (dvc repro -f teacher)"):
-        hf = AutoModelForSequenceClassification.from_pretrained(folder)
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        hf = AutoModelForSequenceClassification.from_pretrained(folder, **extra)
         tok = AutoTokenizer.from_pretrained(folder)
     return HFClassifier(hf).eval(), tok
 

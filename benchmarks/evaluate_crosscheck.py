@@ -7,7 +7,7 @@ builds its own ONNX Runtime sessions (intra-op threads = `evaluate.num_threads`,
 sequential) and times model calls only (padded arrays in, logits out) at
 `evaluate.throughput_batch_size`, round-robin over `--rounds` rounds so machine noise hits every
 model alike; the median round is kept. For each student/teacher pair it prints the throughput
-ratio measured here and the one in `paths.evaluate/metrics.json`; they should agree within
+ratio measured here and the one in `paths.results/metrics.json`; they should agree within
 `--tolerance` (15%). Exit status 1 when one does not.
 
 `--ort-optimize` also times copies of the FP32 graphs passed through ONNX Runtime's
@@ -94,7 +94,7 @@ def main() -> int:
     params = load_params(args.params)
     cfg = params.evaluate
     export = Path(params.paths.export)
-    evaluated = json.loads((Path(params.paths.evaluate) / "metrics.json").read_text())["systems"]
+    evaluated = json.loads((Path(params.paths.results) / "metrics.json").read_text())["systems"]
     texts = pd.read_parquet(Path(params.paths.data) / "test.parquet")["text"].tolist()
     min_tokens = json.loads((export / "metrics.json").read_text()).get("min_tokens", 1)
     lengths = {"teacher": params.teacher.max_length, "student": params.distill.max_length}

@@ -11,9 +11,11 @@ Given the student's and the teacher's logits on one split and their measured cos
 - **expected cost** per example = student cost + deferred fraction * teacher cost, where each
   cost is the measured end-to-end time per example (tokenisation included) at the deployment
   batch size, so the curve is in milliseconds, not guesses;
-- the **chosen threshold** is the cheapest one whose accuracy reaches the target on the
-  *validation* split (evaluate then reports that threshold once on test, where it was not
-  chosen); when no threshold reaches it, none is chosen and the report says so.
+- the **chosen threshold** is the one deferring the fewest inputs whose accuracy reaches the
+  target on the *validation* split (evaluate then reports that threshold once on test, where it
+  was not chosen); when no threshold reaches it, none is chosen and the report says so. Since
+  the cost grows with the deferred fraction, that is also the cheapest threshold, on any machine:
+  the choice depends on predictions only, never on this machine's timings.
 """
 
 from __future__ import annotations
@@ -53,31 +55,33 @@ def predictions(student_logits: np.ndarray, teacher_logits: np.ndarray, kind: st
 
 
 def curve(student_logits: np.ndarray, teacher_logits: np.ndarray, labels: np.ndarray,
-          student_ms: float, teacher_ms: float, kind: str,
-          thresholds: list[float]) -> list[dict]:
-    """One point per threshold: accuracy, fraction deferred, expected cost per example."""
+          kind: str, thresholds: list[float]) -> list[dict]:
+    """One point per threshold: accuracy and the fraction deferred to the teacher."""
     points = []
     for t in sorted(set(float(x) for x in thresholds)):
         defer = deferred(student_logits, kind, t)
         pred = predictions(student_logits, teacher_logits, kind, t)
-        frac = float(defer.mean())
-        cost = student_ms + frac * teacher_ms
-        points.append({
-            "threshold": t,
-            "accuracy": float((pred == labels).mean()),
-            "deferred_fraction": frac,
-            "expected_ms_per_example": cost,
-            "speedup_vs_teacher": teacher_ms / cost,
-        })
+        points.append({"threshold": t, "accuracy": float((pred == labels).mean()),
+                       "deferred_fraction": float(defer.mean())})
     return points
 
 
+def costed(points: list[dict], student_ms: float, teacher_ms: float) -> list[dict]:
+    """`points` with the expected cost per example and the speedup over the teacher alone."""
+    out = []
+    for p in points:
+        cost = student_ms + p["deferred_fraction"] * teacher_ms
+        out.append({**p, "expected_ms_per_example": cost, "speedup_vs_teacher": teacher_ms / cost})
+    return out
+
+
 def choose(points: list[dict], target_accuracy: float) -> dict | None:
-    """The cheapest point reaching `target_accuracy` (ties: the more accurate), or None."""
+    """The point deferring least that reaches `target_accuracy` (ties: the more accurate, then
+    the lower threshold), or None."""
     ok = [p for p in points if p["accuracy"] >= target_accuracy - 1e-12]
     if not ok:
         return None
-    return min(ok, key=lambda p: (p["expected_ms_per_example"], -p["accuracy"]))
+    return min(ok, key=lambda p: (p["deferred_fraction"], -p["accuracy"], p["threshold"]))
 
 
 def plot(val_points: list[dict], points: list[dict], chosen: dict | None, target: float,

@@ -1,5 +1,8 @@
 """Small helpers every stage uses: atomic outputs, resolved params beside artifacts, seeding,
-and `pkg:` locations for data and weights that ship inside installed packages."""
+`pkg:` locations for data and weights that ship inside installed packages, and safe reading:
+`reading` (a damaged file becomes one StageError naming it and the fix), `remote_options`
+(connect/read timeouts for remote sources) and `walk_local` (the files under a source folder,
+never leaving it, never hidden ones)."""
 
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -136,10 +140,122 @@ def _json_default(obj: Any) -> Any:
 
 
 def read_json(path: str | Path) -> Any:
+    """A stage output's JSON file; a missing, undecodable or malformed file is a StageError
+    naming it."""
     path = Path(path)
     if not path.is_file():
         raise StageError(f"{path} not found: run the stage that produces it first (dvc repro)")
-    return json.loads(path.read_text())
+    with reading(path, "it as JSON", "it is damaged or was edited by hand: rerun the stage "
+                                      "that produces it (dvc repro)"):
+        return json.loads(path.read_text(encoding="utf-8"))
+
+
+def describe(err: BaseException, limit: int = 300) -> str:
+    """`Type: message` on one line (a multi-line message folded, a long one cut)."""
+    text = " ".join(str(err).split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return type(err).__name__ + (f": {text}" if text else "")
+
+
+@contextlib.contextmanager
+def reading(path: str | Path, what: str, fix: str) -> Iterator[None]:
+    """Turn any failure while reading `path` into one StageError that names the file, what was
+    being read and how to fix it: `<path>: cannot read <what> (<Type>: <message>); <fix>`.
+
+    Libraries report a damaged file with their own exception types (ArrowInvalid, BadGzipFile,
+    EOFError, JSONDecodeError, SafetensorError, a tokenizers Exception, RecursionError...),
+    none of which names the file; this is the one place that adds it. A StageError passes
+    through unchanged (it already says what to do).
+    """
+    try:
+        yield
+    except StageError:
+        raise
+    except Exception as err:
+        raise StageError(f"{path}: cannot read {what} ({describe(err)}); {fix}") from err
+
+
+def remote_options(location: str, timeout_s: float) -> dict[str, Any]:
+    """fsspec storage options that bound how long a remote server may stay silent: a connect
+    and a per-read timeout of `timeout_s` seconds (no cap on a whole download, which may be
+    long). Empty for local paths and for protocols without such a setting."""
+    protocol = location.split("://", 1)[0].lower() if "://" in location else "file"
+    if protocol in ("http", "https"):
+        import aiohttp
+
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(
+            total=None, connect=timeout_s, sock_connect=timeout_s, sock_read=timeout_s)}}
+    if protocol in ("s3", "s3a"):
+        return {"config_kwargs": {"connect_timeout": timeout_s, "read_timeout": timeout_s}}
+    if protocol in ("gs", "gcs"):
+        return {"timeout": timeout_s}
+    return {}
+
+
+# Why a file or folder under a source folder is not read (`walk_local`).
+SKIP_REASONS = {
+    "hidden": "its name starts with '.', or it links to such an entry (dotfiles may hold "
+              "secrets or tool state)",
+    "outside_source": "a symlink whose target is outside the source folder",
+    "broken_link": "a symlink whose target does not exist",
+    "link_loop": "a folder symlink back to a folder it is inside",
+    "not_a_file": "not a regular file (a FIFO, socket or device would block or never end)",
+}
+
+
+@dataclass
+class Listing:
+    """The files under a folder that may be read, and what was left out, by reason."""
+
+    files: list[tuple[str, Path]] = field(default_factory=list)  # (relative posix path, path)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (reason, relative path)
+
+
+def walk_local(root: str | Path) -> Listing:
+    """Every regular file under `root` that stays inside it, in sorted order.
+
+    Never leaves the root: a symlink (file or folder) is followed only when its resolved
+    target is inside `root`; hidden entries (names starting with `.`, or links to one) are
+    never read and their folders never entered; FIFOs, sockets and devices are never opened.
+    Each entry left out is listed once with its reason (a key of SKIP_REASONS); nothing under
+    it is visited.
+    """
+    root = Path(root)
+    real_root = root.resolve()
+    listing = Listing()
+
+    def visit(folder: Path, rel: PurePosixPath, inside: frozenset[Path]) -> None:
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            path, name = Path(entry.path), (rel / entry.name).as_posix()
+            if entry.name.startswith("."):
+                listing.skipped.append(("hidden", name))
+                continue
+            if entry.is_symlink():
+                try:
+                    target = path.resolve(strict=True)
+                except (OSError, RuntimeError):  # missing target, or a loop of links
+                    listing.skipped.append(("broken_link", name))
+                    continue
+                if not target.is_relative_to(real_root):
+                    listing.skipped.append(("outside_source", name))
+                    continue
+                if any(part.startswith(".") for part in target.relative_to(real_root).parts):
+                    listing.skipped.append(("hidden", name))  # a link to `.secrets/key`
+                    continue
+            if path.is_dir():
+                real = path.resolve()
+                if real in inside:
+                    listing.skipped.append(("link_loop", name))
+                    continue
+                visit(path, rel / entry.name, inside | {real})
+            elif path.is_file():
+                listing.files.append((name, path))
+            else:
+                listing.skipped.append(("not_a_file", name))
+
+    visit(root, PurePosixPath(), frozenset({real_root}))
+    return listing
 
 
 @contextlib.contextmanager

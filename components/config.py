@@ -78,6 +78,7 @@ class _Section(BaseModel):
 
 
 class Paths(_Section):
+    source_version: str
     data: str
     tokenizer: str
     teacher: str
@@ -85,6 +86,7 @@ class Paths(_Section):
     student: str
     export: str
     evaluate: str
+    results: str
     wandb: str
 
 
@@ -125,6 +127,13 @@ class Prepare(_Section):
     # skip: drop bad rows (malformed, undecodable, empty, unlabeled, classes too small to split)
     # and count them in report.json; error: stop, naming them.
     on_bad_rows: Literal["skip", "error"] = "skip"
+    # Label names are always NFC-normalised and stripped; these two merge more spellings into
+    # one class (every merge is listed in report.json `label_merges`).
+    labels_casefold: bool = True  # "Spam", "SPAM" -> "spam"
+    labels_numeric: bool = True  # "1", "1.0", "01", 1 -> "1"
+    # Connect and read timeout (seconds) for a remote source: a silent server fails the stage
+    # after this long instead of hanging it.
+    timeout_s: float = Field(60.0, gt=0)
 
     _source_not_blank = field_validator("source")(_not_blank)
 
@@ -134,6 +143,14 @@ class Prepare(_Section):
             raise ValueError(
                 "validation_fraction + test_fraction must be < 0.9 so the train split keeps data"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _text_and_label_are_different_columns(self) -> Prepare:
+        if self.text_column == self.label_column:
+            raise ValueError(
+                f"prepare.text_column and prepare.label_column are both {self.text_column!r}: "
+                "the label would be the text itself; name two different columns")
         return self
 
 
@@ -294,8 +311,10 @@ STUDENT_SYSTEMS = ("student", "student_onnx", "student_onnx_int8", "student_trt_
 
 class Cascade(_Section):
     enabled: bool = True
-    # The student system that answers first; the teacher is the best teacher runtime.
+    # The student system that answers first and the teacher system it defers to: fixed by
+    # params (what a bundle ships), not picked from this machine's timings.
     student: Literal[STUDENT_SYSTEMS] = "student_onnx_int8"
+    teacher: Literal[TEACHER_SYSTEMS] = "teacher_onnx_int8"
     confidence: Literal["max_prob", "margin", "entropy"] = "max_prob"
     thresholds: int = Field(51, ge=2)  # evenly spaced in [0, 1]
     target_accuracy: float | None = Field(None, ge=0, le=1)  # None: teacher's minus tolerance
@@ -325,6 +344,22 @@ class Params(_Section):
     export: Export = Export()
     evaluate: Evaluate = Evaluate()
 
+    @model_validator(mode="after")
+    def _cascade_systems_are_exported(self) -> Params:
+        cascade, export = self.evaluate.cascade, self.export
+        if not cascade.enabled:
+            return self
+        needs = [(cascade.teacher, "teacher_onnx" in cascade.teacher, export.teacher,
+                  "export.teacher"),
+                 *((name, name.endswith("_int8") and "onnx" in name, export.int8, "export.int8")
+                   for name in (cascade.student, cascade.teacher))]
+        missing = [f"evaluate.cascade: {name} needs {key}: true (got false); "
+                   f"set it, or pick another system" for name, needed, on, key in needs
+                   if needed and not on]
+        if missing:
+            raise ValueError("; ".join(dict.fromkeys(missing)))
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -333,6 +368,7 @@ class Params(_Section):
 # params.json beside a stage's output holds exactly these, so a change to another stage's params
 # never changes this output's hash (and never reruns the stages downstream of it).
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
+    "source": ("prepare.source",),
     "prepare": ("seed", "prepare"),
     "tokenizer": ("tokenizer", "teacher.model", "distill.max_length"),
     "teacher": ("seed", "trainer", "teacher"),

@@ -22,19 +22,29 @@ How time is measured (`components/runtimes.py` holds the runners):
 Decisions: the *best teacher runtime* is the fastest teacher system (end-to-end throughput)
 whose accuracy lies within the 95% interval of the most accurate teacher system; the headline
 student is chosen the same way among students. Every headline ratio is against the best teacher
-runtime, with PyTorch eager as a second column. The cascade (student first, best teacher
-runtime for the inputs it is unsure of) picks its threshold on the *validation* split and is
-reported once on test, costed at the measured end-to-end time per example at the deployment
-batch size (`evaluate.throughput_batch_size`).
+runtime, with PyTorch eager as a second column. The cascade (student first, the teacher system
+named in `evaluate.cascade` for the inputs it is unsure of) picks its threshold on the
+*validation* split and is reported once on test, costed at the measured end-to-end time per
+example at the deployment batch size (`evaluate.throughput_batch_size`).
 
-Produces in `paths.evaluate`: `metrics.json` (DVC metrics), `plots/*.json` (DVC plots),
-`report.md` + `report.html`, PNGs, `environment.json`, `params.json`; logs the same to W&B.
+Produces two folders, because timings differ from machine to machine and run to run while
+everything else is a function of the inputs:
+- `paths.evaluate` (a DVC output, what a downstream stage may depend on): `quality.json`, every
+  system's accuracy, macro-F1, intervals, size, parameters, tokens and GFLOPs per example, and
+  the cascade policy (student, teacher, threshold chosen on validation, its test accuracy);
+  `params.json`. Byte-identical on any machine that computes the same predictions.
+- `paths.results` (git-tracked, declared as DVC metrics/plots but not as an output, so it is
+  not in dvc.lock): `metrics.json` (all of the above plus the measured times, the best teacher
+  runtime and headline student, ratios, cascade costs, Pareto fronts, per-class F1),
+  `plots/*.json`, `report.md` + `report.html`, PNGs, `environment.json`, `params.json`.
+Both are logged to W&B after they are written; a W&B failure is a warning, not a lost run.
 
 Run: `python -m components.evaluate` (or `dvc repro evaluate`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -326,31 +336,31 @@ def plot(points: list[dict], path: Path) -> None:
 
 # ----------------------------------------------------------------------------------- cascade
 
-def run_cascade(params: Params, results: dict[str, dict], systems: dict[str, System],
-                test_logits: dict[str, np.ndarray], labels: np.ndarray, teacher: str,
-                boot: Bootstrap) -> dict | None:
-    """Student first, `teacher` (the best teacher runtime) below the confidence threshold;
-    the threshold is chosen on the validation split and reported once on test."""
+def run_cascade(params: Params, systems: dict[str, System], test_logits: dict[str, np.ndarray],
+                labels: np.ndarray, boot: Bootstrap) -> dict | None:
+    """Student first, the teacher system of `evaluate.cascade` below the confidence threshold;
+    the threshold is chosen on the validation split and reported once on test. Predictions
+    only: the result is the same on every machine (costs are added by `cost_cascade`)."""
     cfg = params.evaluate.cascade
     if not cfg.enabled:
         return None
-    if cfg.student not in results:
-        raise StageError(f"evaluate.cascade.student {cfg.student!r} is not an evaluated system "
-                         f"(evaluated: {', '.join(results)})")
+    for role, name in (("student", cfg.student), ("teacher", cfg.teacher)):
+        if name not in systems:
+            raise StageError(f"evaluate.cascade.{role} {name!r} is not an evaluated system "
+                             f"(evaluated: {', '.join(systems)})")
     val = load_split(params, "validation")
     v_texts, v_labels = val["text"].tolist(), val["label"].to_numpy()
     bs = params.evaluate.throughput_batch_size
     v_logits = {name: np.concatenate([systems[name].logits(v_texts[i : i + bs])
                                       for i in range(0, len(v_texts), bs)])
-                for name in (cfg.student, teacher)}
-    t_val_acc = float((v_logits[teacher].argmax(-1) == v_labels).mean())
+                for name in (cfg.student, cfg.teacher)}
+    t_val_acc = float((v_logits[cfg.teacher].argmax(-1) == v_labels).mean())
     target = cfg.target_accuracy if cfg.target_accuracy is not None else t_val_acc - cfg.tolerance
-    s_ms, t_ms = results[cfg.student]["ms_per_example"], results[teacher]["ms_per_example"]
     thresholds = np.linspace(0.0, 1.0, cfg.thresholds).tolist()
-    val_points = cascade.curve(v_logits[cfg.student], v_logits[teacher], v_labels, s_ms, t_ms,
+    val_points = cascade.curve(v_logits[cfg.student], v_logits[cfg.teacher], v_labels,
                                cfg.confidence, thresholds)
-    test_points = cascade.curve(test_logits[cfg.student], test_logits[teacher], labels, s_ms,
-                                t_ms, cfg.confidence, thresholds)
+    test_points = cascade.curve(test_logits[cfg.student], test_logits[cfg.teacher], labels,
+                                cfg.confidence, thresholds)
     for v, t in zip(val_points, test_points, strict=True):
         t["validation_accuracy"] = v["accuracy"]
         t["validation_deferred_fraction"] = v["deferred_fraction"]
@@ -358,21 +368,43 @@ def run_cascade(params: Params, results: dict[str, dict], systems: dict[str, Sys
     chosen = None
     if picked:
         chosen = dict(next(p for p in test_points if p["threshold"] == picked["threshold"]))
-        preds = cascade.predictions(test_logits[cfg.student], test_logits[teacher],
+        preds = cascade.predictions(test_logits[cfg.student], test_logits[cfg.teacher],
                                     cfg.confidence, picked["threshold"])
         chosen.update(boot.scores(preds))
-        chosen["vs_best_teacher"] = versus(boot, preds, test_logits[teacher].argmax(-1))
-    return {"student": cfg.student, "teacher": teacher, "confidence": cfg.confidence,
-            "chosen_on": "validation", "validation_examples": len(v_texts),
+        chosen["vs_teacher"] = versus(boot, preds, test_logits[cfg.teacher].argmax(-1))
+    return {"student": cfg.student, "teacher": cfg.teacher, "confidence": cfg.confidence,
+            "chosen_on": "validation", "rule": "fewest deferrals reaching the target accuracy "
+                                               "on validation",
+            "validation_examples": len(v_texts),
             "teacher_validation_accuracy": t_val_acc, "target_accuracy": target,
-            "cost": f"end-to-end ms per example at batch {bs} (measured): student on every "
-                    "input + deferred fraction x teacher",
             "chosen": chosen, "points": test_points, "validation_points": val_points}
+
+
+def cost_cascade(casc: dict, results: dict[str, dict], reference: str) -> dict:
+    """`casc` with measured costs: end-to-end ms per example at the deployment batch size."""
+    s_ms = results[casc["student"]]["ms_per_example"]
+    t_ms = results[casc["teacher"]]["ms_per_example"]
+    out = {**casc, "points": cascade.costed(casc["points"], s_ms, t_ms),
+           "validation_points": cascade.costed(casc["validation_points"], s_ms, t_ms),
+           "cost": "end-to-end ms per example at batch "
+                   f"{results[casc['student']].get('throughput_batch_size', '?')} (measured): "
+                   "student on every input + deferred fraction x teacher"}
+    if casc["chosen"]:
+        chosen = cascade.costed([casc["chosen"]], s_ms, t_ms)[0]
+        chosen["speedup_vs_best_teacher"] = (results[reference]["ms_per_example"]
+                                             / chosen["expected_ms_per_example"])
+        out["chosen"] = chosen
+    return out
 
 
 # ---------------------------------------------------------------------------------------- run
 
+QUALITY_FILE = "quality.json"
+
+
 def run(params: Params) -> dict:
+    """Measure every system; write the machine-independent results (`paths.evaluate`, a DVC
+    output) and the measured ones (`paths.results`, git-tracked, outside dvc.lock)."""
     cfg = params.evaluate
     pin_torch_threads(cfg.num_threads)
     test = load_split(params, "test")
@@ -383,8 +415,18 @@ def run(params: Params) -> dict:
         print(f"evaluate: TensorRT engines not evaluated: {trt_skip}")
     timings, logits = measure_time(systems, texts, params)
     boot = Bootstrap(labels, len(names), cfg.bootstrap, params.seed)
-    results = {s.name: {**quality(s, logits[s.name], texts, labels, boot), **timings[s.name]}
-               for s in systems}
+    by_name = {s.name: s for s in systems}
+    qual = {s.name: quality(s, logits[s.name], texts, labels, boot) for s in systems}
+    uncertainty = {"method": "percentile bootstrap, paired across systems",
+                   "resamples": cfg.bootstrap, "level": 0.95, "seed": params.seed}
+    casc = run_cascade(params, by_name, logits, labels, boot)
+    # Timing-free, so identical on every machine: what downstream stages may depend on.
+    record = {"test_examples": len(texts), "systems": qual, "uncertainty": uncertainty,
+              "cascade": ({k: v for k, v in casc.items() if k != "validation_points"}
+                          if casc else None)}
+
+    results = {name: {**qual[name], **timings[name],
+                      "throughput_batch_size": cfg.throughput_batch_size} for name in qual}
     reference = best_of(results, "teacher")
     headline = best_of(results, "student")
     ref_preds = logits[reference].argmax(-1)
@@ -395,14 +437,11 @@ def run(params: Params) -> dict:
                    f"[{r['accuracy_ci'][0]:.4f}, {r['accuracy_ci'][1]:.4f}]  model "
                    f"{r['model_throughput_per_s']:.1f} ex/s  e2e {r['throughput_per_s']:.1f} "
                    f"ex/s  p50 {r['latency_p50_ms']:.2f} ms  {r['size_mb']:.1f} MB")
-    by_name = {s.name: s for s in systems}
-    casc = run_cascade(params, results, by_name, logits, labels, reference, boot)
     speed = ratios(results, reference)
     metrics = {"test_examples": len(texts), "systems": results,
                "best_teacher": reference, "headline_student": headline,
                "ratios": speed, "tensorrt": trt_skip or "evaluated",
-               "uncertainty": {"method": "percentile bootstrap, paired across systems",
-                               "resamples": cfg.bootstrap, "level": 0.95, "seed": params.seed},
+               "uncertainty": uncertainty,
                "headline": {"student": headline, "best_teacher": reference,
                             **{k: speed[f"{headline}_{k}"] for k in (
                                 "throughput_vs_best_teacher",
@@ -414,18 +453,21 @@ def run(params: Params) -> dict:
               for name, r in results.items()]
     extra = []
     if casc:
+        casc = cost_cascade(casc, results, reference)
         chosen = casc["chosen"]
         metrics["cascade"] = {k: v for k, v in casc.items()
                               if k not in ("points", "validation_points")}
         if chosen:
-            metrics["ratios"]["cascade_speedup_vs_best_teacher"] = chosen["speedup_vs_teacher"]
+            metrics["ratios"]["cascade_speedup_vs_best_teacher"] = chosen[
+                "speedup_vs_best_teacher"]
             extra.append({"system": f"cascade@{chosen['threshold']:.2f}", "side": "cascade",
                           "accuracy": chosen["accuracy"], "accuracy_ci": chosen["accuracy_ci"],
                           "ms_per_example": chosen["expected_ms_per_example"]})
-        print(f"evaluate: cascade ({casc['student']} -> {reference}, {casc['confidence']}) "
+        print(f"evaluate: cascade ({casc['student']} -> {casc['teacher']}, "
+              f"{casc['confidence']}) "
               + (f"threshold {chosen['threshold']:.2f} (chosen on validation): test acc "
                  f"{chosen['accuracy']:.4f}, {100 * chosen['deferred_fraction']:.1f}% deferred, "
-                 f"{chosen['speedup_vs_teacher']:.2f}x faster than {reference}"
+                 f"{chosen['speedup_vs_best_teacher']:.2f}x faster than {reference}"
                  if chosen else
                  f"reaches no threshold for target {casc['target_accuracy']:.4f} on validation"))
     best_preds = logits[headline].argmax(-1)
@@ -436,6 +478,8 @@ def run(params: Params) -> dict:
           f"{100 * metrics['headline']['accuracy_diff_ci'][1]:+.2f}]")
 
     with atomic_dir(params.paths.evaluate, params, "evaluate") as out:
+        write_json(out / QUALITY_FILE, record)
+    with atomic_dir(params.paths.results, params, "evaluate") as out:
         (out / "plots").mkdir()
         write_json(out / PLOT_FILE, points)
         plot(points, out / PNG_FILE)
@@ -448,17 +492,28 @@ def run(params: Params) -> dict:
         images = [out / PNG_FILE, out / report.PARETO_PNG, out / report.CONFUSION_PNG]
         if casc:
             write_json(out / CASCADE_FILE, casc["points"])
+            teacher = casc["teacher"]
             cascade.plot(casc["validation_points"], casc["points"], casc["chosen"],
                          casc["target_accuracy"], results[casc["student"]]["ms_per_example"],
-                         results[reference]["ms_per_example"], results[reference]["accuracy"],
-                         reference, out / report.CASCADE_PNG)
+                         results[teacher]["ms_per_example"], results[teacher]["accuracy"],
+                         teacher, out / report.CASCADE_PNG)
             images.insert(1, out / report.CASCADE_PNG)
         write_json(out / "metrics.json", metrics)
         md = report.markdown(metrics)
         (out / report.REPORT_MD).write_text(md)
         report.html_report(md, images, out / report.REPORT_HTML)
         write_json(out / "environment.json", environment(params))
-        log_to_wandb(params, metrics, points, casc, out, images)
+    results_dir = Path(params.paths.results)
+    try:  # the outputs are committed; a tracking failure must not lose them
+        log_to_wandb(params, metrics, points, casc, results_dir,
+                     [results_dir / image.name for image in images])
+    except Exception as err:  # noqa: BLE001 - tracking is best effort by design
+        with contextlib.suppress(Exception):
+            import wandb
+
+            wandb.finish(exit_code=1)
+        print(f"evaluate: warning: W&B logging failed ({type(err).__name__}: {err}); the "
+              f"results are in {results_dir} (`dvc repro -f evaluate` logs them again)")
     return metrics
 
 

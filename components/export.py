@@ -44,7 +44,14 @@ from components.artifacts import (
     TEACHER_INT8,
     TEACHER_TOKENIZER,
 )
-from components.common import StageError, atomic_dir, file_size, stage_main, write_json
+from components.common import (
+    StageError,
+    atomic_dir,
+    file_size,
+    reading,
+    stage_main,
+    write_json,
+)
 from components.config import Params
 from components.distill import student as student_io
 from components.prepare import load_split
@@ -193,8 +200,13 @@ def run(params: Params) -> dict:
     cfg = params.export
     torch.set_num_threads(params.trainer.num_threads)
     student_dir = Path(params.paths.student)
-    model = student_io.load(student_dir)
-    tokenizer = Tokenizer.from_file(str(student_dir / STUDENT_TOKENIZER))
+    damaged = ("it is damaged or was written by another version of the code: rerun the distill "
+               "stage (dvc repro -f distill)")
+    with reading(f"{student_dir} ({student_io.CONFIG_FILE}, {student_io.WEIGHTS_FILE})",
+                 "the student model", damaged):
+        model = student_io.load(student_dir)
+    with reading(student_dir / STUDENT_TOKENIZER, "the student's tokenizer", damaged):
+        tokenizer = Tokenizer.from_file(str(student_dir / STUDENT_TOKENIZER))
     encoder = TextEncoder(tokenizer, params.distill.max_length, model.cfg.min_tokens())
     data = parity_batches(params, encoder)
 

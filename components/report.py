@@ -236,10 +236,10 @@ def markdown(metrics: dict) -> str:
                   f"confidence < threshold", ""]
         chosen = c.get("chosen")
         if chosen:
-            d = chosen["vs_best_teacher"]
+            d = chosen["vs_teacher"]
             lines.append(
                 f"Threshold **{chosen['threshold']:.2f}**, chosen on the validation split "
-                f"({c['validation_examples']} examples: cheapest threshold reaching "
+                f"({c['validation_examples']} examples: fewest deferrals reaching "
                 f"{c['target_accuracy']:.4f}, where it scored "
                 f"{chosen['validation_accuracy']:.4f}). On test: accuracy "
                 f"{chosen['accuracy']:.4f} {_ci(chosen['accuracy_ci'])} "
@@ -247,7 +247,9 @@ def markdown(metrics: dict) -> str:
                 f"{_pt_ci(d['accuracy_diff_ci'])}), "
                 f"{100 * chosen['deferred_fraction']:.1f}% deferred, "
                 f"{chosen['expected_ms_per_example']:.2f} ms per example "
-                f"(**{chosen['speedup_vs_teacher']:.2f}x** faster than {c['teacher']} alone). "
+                f"({chosen['speedup_vs_teacher']:.2f}x faster than {c['teacher']} alone, "
+                f"**{chosen['speedup_vs_best_teacher']:.2f}x** the best teacher runtime "
+                f"{metrics['best_teacher']}). "
                 f"Cost: {c['cost']}.")
         else:
             lines.append(f"No threshold reaches the target accuracy {c['target_accuracy']:.4f} "
@@ -278,7 +280,11 @@ def html_report(md: str, images: list[Path], path: Path) -> None:
 
 # ------------------------------------------------------------------ across DVC experiments
 
-METRICS_FILE = "artifacts/evaluate/metrics.json"
+def metrics_file(repo: str | Path) -> str:
+    """evaluate's metrics.json, relative to `repo`, as its params.yaml places it."""
+    from components.config import load_params
+
+    return f"{load_params(Path(repo) / 'params.yaml').paths.results}/metrics.json"
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -292,10 +298,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def experiments(repo: str | Path = ".", metrics_file: str = METRICS_FILE,
-                all_commits: bool = False) -> list[dict]:
+def experiments(repo: str | Path = ".", all_commits: bool = False) -> list[dict]:
     """Workspace, HEAD (every commit with `all_commits`) and their DVC experiments, each with
     its evaluate metrics and params, from `dvc exp show --json` (what `dvc exp show` shows)."""
+    wanted = metrics_file(repo)
     cmd = [sys.executable, "-m", "dvc", "exp", "show", "--json"] + (["-A"] if all_commits else [])
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -304,7 +310,7 @@ def experiments(repo: str | Path = ".", metrics_file: str = METRICS_FILE,
 
     def visit(entry: dict, parent: str | None):
         data = entry.get("data") or {}
-        metrics = ((data.get("metrics") or {}).get(metrics_file) or {}).get("data")
+        metrics = ((data.get("metrics") or {}).get(wanted) or {}).get("data")
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
         if metrics:
             rev = entry.get("rev") or "?"
@@ -343,8 +349,8 @@ def write_experiments_report(repo: str | Path, out_dir: str | Path,
     """`still report`: experiments.md (table), experiments.json and experiments.png."""
     rows = experiments(repo, all_commits=all_commits)
     if not rows:
-        raise RuntimeError(f"no experiment in {repo} has {METRICS_FILE} yet: run `dvc repro` or "
-                           "`still sweep` first")
+        raise RuntimeError(f"no experiment in {repo} has {metrics_file(repo)} yet: run "
+                           "`dvc repro` or `still sweep` first")
     table, differing = compare(rows, system)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

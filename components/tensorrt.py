@@ -405,12 +405,15 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str,
         "onnx": graph_path.name,
         "onnx_sha256": _sha256(graph_path),
         "source_onnx_sha256": _sha256(Path(onnx_path)),
-        "build_seconds": round(time.perf_counter() - start, 3),
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **prepared,
     }
+    # No build time or date in the sidecar (it is inside the export stage's hashed output).
+    # The engine itself is specific to the GPU and TensorRT version (tactics are timed while
+    # building), so on GPU machines the export hash is per machine; CPU-only runs have none.
     write_json(engine_path.with_name(engine_path.name + ".json"), info)
-    return {**info, "bytes": file_size(engine_path)}
+    seconds = time.perf_counter() - start
+    print(f"export: {engine_path.name} built in {seconds:.1f} s")
+    return {**info, "bytes": file_size(engine_path), "build_seconds": seconds}
 
 
 # --------------------------------------------------------------------------- run
@@ -634,7 +637,7 @@ def export_engines(params: Params, onnx_path: str | Path, out_dir: str | Path, p
         result[precision] = {
             "status": "built", "bytes": info["bytes"], **parity,
             "parity_reference": "model.onnx" if precision == "fp16" else f"{ENGINE_DIR}/int8.onnx",
-            "build_seconds": info["build_seconds"], "fp32_layers": len(info["fp32_layers"]),
+            "fp32_layers": len(info["fp32_layers"]),
             **({"calibration": calib_source} if precision == "int8" else {}),
         }
         result.setdefault("tensorrt_version", info["tensorrt_version"])

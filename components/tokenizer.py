@@ -25,7 +25,7 @@ from tokenizers import (
     trainers,
 )
 
-from components.common import atomic_dir, stage_main, write_json
+from components.common import StageError, atomic_dir, reading, stage_main, write_json
 from components.config import SPECIAL_TOKENS, Params
 from components.prepare import load_split
 
@@ -140,10 +140,11 @@ def run(params: Params) -> dict:
 def load(params: Params) -> Tokenizer:
     path = Path(params.paths.tokenizer) / TOKENIZER_FILE
     if not path.is_file():
-        from components.common import StageError
-
         raise StageError(f"{path} not found: run the tokenizer stage first (dvc repro tokenizer)")
-    return Tokenizer.from_file(str(path))
+    with reading(path, "the tokenizer", "it is damaged or was edited: restore it with `dvc "
+                                        "checkout`, or rerun the tokenizer stage (dvc repro -f "
+                                        "tokenizer)"):
+        return Tokenizer.from_file(str(path))
 
 
 def main() -> None:

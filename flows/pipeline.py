@@ -50,7 +50,7 @@ def pipeline(
         tasks.apply_overrides(repo, overrides)
 
     group = flow_run.get_name()
-    stages = [tasks.run_stage(repo, stage, group) for stage in dvc.stage_order(repo)]
+    stages = [tasks.stage_task(stage)(repo, stage, group) for stage in dvc.stage_order(repo)]
 
     name = experiment_name or (f"{group}" if overrides else None)
     if name:
@@ -68,7 +68,7 @@ def publish(repo: str, stages: list[dict], metrics: dict, overrides: dict) -> No
     from components.config import load_params
 
     params = load_params(Path(repo) / "params.yaml")
-    evaluate_dir = Path(repo) / params.paths.evaluate
+    evaluate_dir = Path(repo) / params.paths.results
     systems = [{"system": name, **{k: v for k, v in m.items()
                                    if k != "runtime" and isinstance(v, str | int | float)}}
                for name, m in metrics["systems"].items()]

@@ -1,6 +1,7 @@
-"""Thin Prefect tasks over DVC. Retries live in the decorators, and only where a retry can
-help: talking to a remote (pull/push) and the stage that reads the source data, which may be
-on s3/gs/http. A failing training run or parity check is deterministic, so it is not retried.
+"""Thin Prefect tasks over DVC. Retries live in the task options, and only where a retry can
+help: talking to a remote (pull/push, in their decorators) and the stages in STAGE_RETRIES
+(`stage_task`): source and prepare read the source data, which may be on s3/gs/http. A failing
+training run or parity check is deterministic, so it is not retried.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from prefect.tasks import exponential_backoff
 from flows import dvc_ops as dvc
 
 # Stages whose failures can be transient (network reads), with their retry count.
-STAGE_RETRIES = {"prepare": 2}
+STAGE_RETRIES = {"source": 2, "prepare": 2}
 REMOTE_RETRIES = 3
 BACKOFF = exponential_backoff(backoff_factor=10)
 
@@ -65,6 +66,15 @@ def run_stage(repo: str, stage: str, group: str | None = None) -> dict[str, Any]
     get_run_logger().info("stage %s %s in %.1f s", stage, "ran" if ran else "was up to date",
                           seconds)
     return {"stage": stage, "ran": ran, "seconds": round(seconds, 2)}
+
+
+def stage_task(stage: str):
+    """`run_stage` with the retries STAGE_RETRIES gives `stage` (none for the others): a
+    transient failure (a source server that timed out) gets another try after a backoff."""
+    retries = STAGE_RETRIES.get(stage, 0)
+    if not retries:
+        return run_stage
+    return run_stage.with_options(retries=retries, retry_delay_seconds=BACKOFF)
 
 
 @task(name="dvc-pull", retries=REMOTE_RETRIES, retry_delay_seconds=BACKOFF, cache_policy=NO_CACHE)
@@ -112,7 +122,7 @@ def read_metrics(repo: str) -> dict[str, Any]:
     from components.config import load_params
 
     params = load_params(Path(repo) / "params.yaml")
-    path = Path(repo) / params.paths.evaluate / "metrics.json"
+    path = Path(repo) / params.paths.results / "metrics.json"
     return json.loads(path.read_text())
 
 
@@ -139,7 +149,7 @@ def summarize(metrics: dict[str, Any]) -> dict[str, float]:
     if (metrics.get("cascade") or {}).get("chosen"):
         row["cascade_accuracy"] = metrics["cascade"]["chosen"]["accuracy"]
         row["cascade_speedup_vs_best_teacher"] = metrics["cascade"]["chosen"][
-            "speedup_vs_teacher"]
+            "speedup_vs_best_teacher"]
     return {k: round(float(v), 4) for k, v in row.items()}
 
 

@@ -198,6 +198,30 @@ def trained_pipeline(tmp_path_factory, dataset_csv, tiny_teacher):
     return params, results
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def moto_s3(monkeypatch):
+    """A real S3 API on localhost (moto's server mode, standing in for MinIO/S3): its endpoint
+    URL, with throwaway credentials only in this test's environment."""
+    moto_server = pytest.importorskip("moto.server", reason="pip install 'still[dev]' (moto)")
+    pytest.importorskip("dvc_s3", reason="pip install 'still[s3]' (dvc-s3)")
+    for key, value in {"AWS_ACCESS_KEY_ID": "still-test", "AWS_SECRET_ACCESS_KEY": "still-test",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "test",
     "GIT_AUTHOR_EMAIL": "test@still.invalid",

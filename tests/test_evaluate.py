@@ -13,7 +13,7 @@ KEYS = {"accuracy", "accuracy_ci", "macro_f1", "macro_f1_ci", "latency_p50_ms", 
 
 def test_metrics_cover_every_system(trained_pipeline):
     params, results = trained_pipeline
-    out = Path(params.paths.evaluate)
+    out = Path(params.paths.results)
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["systems"]) == SYSTEMS
     for name, m in metrics["systems"].items():
@@ -59,6 +59,27 @@ def test_metrics_cover_every_system(trained_pipeline):
     assert (out / "params.json").is_file()
 
 
+def test_the_dvc_output_holds_no_timing(trained_pipeline):
+    """paths.evaluate (in dvc.lock) keeps what predictions decide; the times go to paths.results.
+    """
+    params, results = trained_pipeline
+    out = Path(params.paths.evaluate)
+    assert {p.name for p in out.iterdir()} == {"quality.json", "params.json"}
+    record = json.loads((out / "quality.json").read_text())
+    metrics = results["evaluate"]
+    assert set(record["systems"]) == SYSTEMS
+    timing_words = ("ms", "throughput", "latency", "tokenize", "timing", "speed", "per_s")
+    flat = json.dumps(record)
+    assert not [w for w in timing_words if f'_{w}' in flat or f'"{w}' in flat], flat[:500]
+    for name, r in record["systems"].items():
+        for key, value in r.items():
+            assert metrics["systems"][name][key] == value, (name, key)
+    policy = record["cascade"]
+    assert policy["teacher"] == params.evaluate.cascade.teacher
+    assert policy["chosen"] is None or (
+        policy["chosen"]["threshold"] == metrics["cascade"]["chosen"]["threshold"])
+
+
 def test_wandb_offline_runs_hold_config_and_table(trained_pipeline):
     params, _ = trained_pipeline
     runs = sorted(Path(params.paths.wandb).glob("wandb/offline-run-*"))
@@ -79,12 +100,12 @@ def test_wandb_offline_runs_hold_config_and_table(trained_pipeline):
 def test_cascade_is_chosen_on_validation_and_reported_on_test(trained_pipeline):
     params, results = trained_pipeline
     m = results["evaluate"]
-    out = Path(params.paths.evaluate)
+    out = Path(params.paths.results)
     points = json.loads((out / "plots/cascade.json").read_text())
     systems = m["systems"]
     c = m["cascade"]
     student, teacher = systems[c["student"]], systems[c["teacher"]]
-    assert c["teacher"] == m["best_teacher"] and c["chosen_on"] == "validation"
+    assert c["teacher"] == params.evaluate.cascade.teacher and c["chosen_on"] == "validation"
     first, last = points[0], points[-1]
     assert first["threshold"] == 0.0 and first["deferred_fraction"] == 0.0
     assert first["accuracy"] == student["accuracy"]
@@ -99,15 +120,17 @@ def test_cascade_is_chosen_on_validation_and_reported_on_test(trained_pipeline):
     assert fractions == sorted(fractions)  # a higher threshold never defers less
     chosen = c["chosen"]
     if chosen is not None:
-        # The choice is made on validation numbers only: the cheapest threshold reaching the
-        # target there, whatever test says.
+        # The choice is made on validation numbers only: the threshold deferring least (so the
+        # cheapest) that reaches the target there, whatever test says.
         assert chosen["validation_accuracy"] >= c["target_accuracy"]
         cheaper = [p for p in points
                    if p["expected_ms_per_example"] < chosen["expected_ms_per_example"]]
         assert all(p["validation_accuracy"] < c["target_accuracy"] for p in cheaper)
         lo, hi = chosen["accuracy_ci"]
         assert lo <= chosen["accuracy"] <= hi
-        assert "vs_best_teacher" in chosen
+        assert "vs_teacher" in chosen
+        assert chosen["speedup_vs_best_teacher"] == pytest.approx(
+            systems[m["best_teacher"]]["ms_per_example"] / chosen["expected_ms_per_example"])
 
 
 def test_bootstrap_intervals_and_mcnemar():
@@ -156,7 +179,7 @@ def test_pareto_fronts_hold_no_dominated_system(trained_pipeline):
 
 def test_every_plot_is_a_png_and_the_reports_are_written(trained_pipeline):
     params, results = trained_pipeline
-    out = Path(params.paths.evaluate)
+    out = Path(params.paths.results)
     pngs = sorted(out.glob("*.png"))
     assert {p.name for p in pngs} >= {"accuracy_vs_throughput.png", "cascade.png", "pareto.png",
                                       "confusion.png"}
@@ -175,3 +198,28 @@ def test_every_plot_is_a_png_and_the_reports_are_written(trained_pipeline):
     assert {c["actual"] for c in confusion} <= names
     best = results["evaluate"]["best_student"]
     assert set(best["per_class"]) == names
+
+
+def test_a_tracking_failure_is_a_warning_after_the_outputs_are_written(trained_pipeline,
+                                                                        tmp_path, monkeypatch,
+                                                                        capsys):
+    """Fault injection: W&B breaks while logging. The stage still succeeds, its two folders
+    are complete, and the user is told where the results are."""
+    from components import evaluate
+    from components.config import apply_overrides, validate
+
+    params, _ = trained_pipeline
+    params = validate(apply_overrides(params.to_dict(), {
+        "paths.evaluate": str(tmp_path / "evaluate"), "paths.results": str(tmp_path / "results"),
+        "evaluate.bootstrap": 1000, "evaluate.cascade.enabled": False}))
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("api.wandb.ai unreachable")
+
+    monkeypatch.setattr(evaluate, "log_to_wandb", broken)
+    metrics = evaluate.run(params)
+    assert "W&B logging failed (ConnectionError: api.wandb.ai unreachable)" in (
+        capsys.readouterr().out)
+    assert json.loads((tmp_path / "results/metrics.json").read_text()) == json.loads(
+        json.dumps(metrics))
+    assert (tmp_path / "evaluate/quality.json").is_file()

@@ -68,6 +68,7 @@ def test_merging_student_with_feature_kd_distills_exports_and_evaluates(trained_
         "paths.student": str(tmp_path / "student"),
         "paths.export": str(tmp_path / "export"),
         "paths.evaluate": str(tmp_path / "evaluate"),
+        "paths.results": str(tmp_path / "results"),
         "distill.merge.method": method,
         "distill.merge.r": 4,
         "distill.feature.pooled_weight": 1.0,

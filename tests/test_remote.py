@@ -7,7 +7,6 @@ from __future__ import annotations
 import configparser
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -18,29 +17,12 @@ from tests.conftest import ROOT, sh
 BUCKET = "still-dvc"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def s3_endpoint(monkeypatch):
-    moto_server = pytest.importorskip("moto.server", reason="pip install 'still[dev]' (moto)")
-    pytest.importorskip("dvc_s3", reason="pip install 'still[s3]' (dvc-s3)")
+def s3_endpoint(moto_s3):
     import boto3
 
-    # Throwaway credentials for the fake server, only in the environment (as the workers get them).
-    for key, value in {"AWS_ACCESS_KEY_ID": "still-test", "AWS_SECRET_ACCESS_KEY": "still-test",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=url).create_bucket(Bucket=BUCKET)
-    yield url
-    server.stop()
+    boto3.client("s3", endpoint_url=moto_s3).create_bucket(Bucket=BUCKET)
+    return moto_s3
 
 
 def test_committed_remote_is_default_and_holds_no_secrets():

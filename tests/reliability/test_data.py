@@ -144,7 +144,7 @@ def test_missing_column_exits_2_naming_the_columns(tmp_path, previous):
 def test_nan_null_and_invalid_labels_never_become_classes(tmp_path, previous):
     csv_src = tmp_path / "d.csv"
     odd = pd.DataFrame({"text": ["alpha one two", "beta three four", "gamma five six",
-                                 "delta seven"], "label": ["", "NaN", "null", "N/A"]})
+                                 "delta seven"], "label": ["", "NaN", "null", "  "]})
     pd.concat([GOOD, odd]).to_csv(csv_src, index=False)
     report = prepare.run(params_for(tmp_path / "csv", csv_src))
     assert report["dropped"]["missing_label"] == 4

@@ -6,6 +6,7 @@ stage with one `<stage>: error:` line and exit status 2; earlier good outputs st
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -262,17 +263,61 @@ def _not_gzip(tmp_path: Path) -> str:
     return str(path)
 
 
+def _truncated_gzip(tmp_path: Path) -> str:
+    import gzip
+
+    path = tmp_path / "cut.csv.gz"
+    whole = gzip.compress(GOOD.to_csv(index=False).encode())
+    path.write_bytes(whole[: len(whole) // 2])  # as by an interrupted download
+    return str(path)
+
+
+def _deep_jsonl(tmp_path: Path) -> str:
+    path = tmp_path / "deep.jsonl"
+    lines = [GOOD.iloc[:1].to_json(orient="records", lines=True).strip(),
+             "[" * 100_000 + "]" * 100_000]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _source(raw: dict, **prepare_params) -> None:
+    raw["prepare"].update(prepare_params)
+
+
 PARAMS_ERROR = "prepare: error: params.yaml has 1 problem(s):"
+SOURCE_ERROR = "prepare: error: prepare.source="
 CASES = {
     # case: (change to the good params, given the tmp folder; the error line starts with;
-    #        the message also holds)
-    "missing local source": (lambda raw, t: raw["prepare"].update(
-        source=str(t / "no-such-file.csv")), "prepare: error: FileNotFoundError: ",
-        "no-such-file.csv"),
-    ".csv.gz that is not gzip": (lambda raw, t: raw["prepare"].update(source=_not_gzip(t)),
-                                 "prepare: error: BadGzipFile: ", "Not a gzipped file"),
-    "CSV read as Parquet": (lambda raw, t: raw["prepare"].update(format="parquet"),
-                            "prepare: error: ArrowInvalid: ", "Parquet"),
+    #        the message also holds, with {t} for the tmp folder)
+    "missing local source": (
+        lambda raw, t: _source(raw, source=str(t / "no-such-file.csv")), SOURCE_ERROR,
+        "{t}/no-such-file.csv' does not exist; check the spelling; a relative path is read "
+        "from the project folder"),
+    ".csv.gz that is not gzip": (
+        lambda raw, t: _source(raw, source=_not_gzip(t)), SOURCE_ERROR,
+        "{t}/data.csv.gz': cannot read it as gzip-compressed csv (BadGzipFile: Not a gzipped "
+        "file (b'te')); the file is damaged, truncated or not what its name says"),
+    "truncated .gz": (
+        lambda raw, t: _source(raw, source=_truncated_gzip(t)), SOURCE_ERROR,
+        "{t}/cut.csv.gz': cannot read it as gzip-compressed csv (EOFError: Compressed file "
+        "ended before the end-of-stream marker was reached)"),
+    "CSV read as Parquet": (
+        lambda raw, t: _source(raw, format="parquet"), SOURCE_ERROR,
+        "{t}/good.csv': cannot read it as parquet (ArrowInvalid: "),
+    "format csv on a folder": (
+        lambda raw, t: _source(raw, source=str(t), format="csv"), SOURCE_ERROR,
+        "{t}' is a folder, but prepare.format is 'csv'; set prepare.format: folder"),
+    "format folder on a file": (
+        lambda raw, t: _source(raw, format="folder"), SOURCE_ERROR,
+        "{t}/good.csv' is a file, but prepare.format is 'folder'; set prepare.format to the "
+        "file's format"),
+    "JSONL line nested 100,000 deep": (
+        lambda raw, t: _source(raw, source=_deep_jsonl(t), on_bad_rows="error"),
+        "prepare: error: ", "bad rows with prepare.on_bad_rows=error: malformed: 1 (e.g. "
+        "{t}/deep.jsonl:2 (nested too deeply))"),
+    "duplicate text column": (
+        lambda raw, t: _source(raw, label_column="text"), PARAMS_ERROR,
+        "  - prepare: prepare.text_column and prepare.label_column are both 'text'"),
     "seed -1": (lambda raw, t: raw.update(seed=-1), PARAMS_ERROR, "  - seed: "),
     "empty paths.data": (lambda raw, t: raw["paths"].update(data=""), PARAMS_ERROR,
                          "  - paths.data: is empty"),
@@ -283,6 +328,8 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_prepare_cli_fails_in_one_line_and_keeps_the_previous_output(project, tmp_path, case):
+    """Each of these used to end in a Python traceback (or, for the deep JSONL line, a
+    RecursionError) instead of one line naming the file and the fix."""
     folder, raw, params = project
     change, starts, holds = CASES[case]
     data = Path(params.paths.data)
@@ -290,9 +337,8 @@ def test_prepare_cli_fails_in_one_line_and_keeps_the_previous_output(project, tm
     change(raw, tmp_path)
     proc = run_stage_cli("prepare", raw, folder)
     line = assert_one_error_line(proc, "prepare")
-    assert line.startswith(starts) and holds in proc.stderr, proc.stderr
-    if starts != PARAMS_ERROR:  # an unexpected exception: say how to see more
-        assert "rerun with STILL_DEBUG=1 to see the traceback" in proc.stderr
+    assert line.startswith(starts) and holds.format(t=tmp_path) in proc.stderr, proc.stderr
+    assert "STILL_DEBUG" not in proc.stderr  # an expected failure: nothing more to see
     assert snapshot(data) == before and leftovers(data) == []
 
 
@@ -304,8 +350,91 @@ def test_tokenizer_cli_on_a_truncated_split_fails_in_one_line(project, tmp_path)
     before = snapshot(out)
     proc = run_stage_cli("tokenizer", raw, folder)
     line = assert_one_error_line(proc, "tokenizer")
-    assert line.startswith("tokenizer: error: ArrowInvalid: "), line
+    assert line.startswith("tokenizer: error: data/prepared/train.parquet: cannot read the "
+                           "prepared train split (ArrowInvalid: "), line
+    assert line.endswith("restore it with `dvc checkout`, or rerun the prepare stage (dvc "
+                         "repro -f prepare)"), line
     assert snapshot(out) == before and leftovers(out) == []
+
+
+@pytest.mark.parametrize(("content", "why"), [
+    ('{"labels": ["food", "sport"', "cannot read it as JSON (JSONDecodeError: "),
+    ('{"names": ["food"]}', 'cannot read the label map (expected {"labels": [class names]})'),
+    ('{"labels": [1, 2, 3]}', 'cannot read the label map (expected {"labels": [class names]})'),
+])
+def test_tokenizer_on_a_malformed_label_map_names_it(project, content, why):
+    folder, raw, params = project
+    label_map = Path(params.paths.data) / "label_map.json"
+    label_map.write_text(content)
+    out = Path(params.paths.tokenizer)
+    before = snapshot(out)
+    with pytest.raises(StageError) as err:
+        tokenizer.run(params)
+    assert str(err.value).startswith(f"{label_map}: {why}"), err.value
+    assert snapshot(out) == before and leftovers(out) == []
+
+
+@pytest.fixture
+def student(tmp_path):
+    """A tiny saved student (config.json, model.safetensors, tokenizer.json)."""
+    import torch
+
+    from components.distill.student import Student, StudentConfig, save
+
+    tok = tokenizer.train(GOOD["text"].tolist(), "wordpiece", vocab_size=80, min_frequency=1)
+    torch.manual_seed(0)
+    model = Student(StudentConfig(vocab_size=tok.get_vocab_size(), num_labels=3, max_length=32,
+                                  layers=1, hidden=16, heads=2, intermediate=32))
+    folder = tmp_path / "student"
+    folder.mkdir()
+    save(model.eval(), folder)
+    tok.save(str(folder / tokenizer.TOKENIZER_FILE))
+    return folder
+
+
+def _rename_a_weight(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    key = sorted(state)[0]
+    state["renamed." + key] = state.pop(key)
+    save_file(state, str(folder / "model.safetensors"))
+
+
+def _extra_config_key(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["extra_key"] = 1
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+EXPORT_CASES = {
+    "safetensors keys that do not match": (
+        _rename_a_weight, "{s} (config.json, model.safetensors): cannot read the student "
+                          "model (RuntimeError: Error(s) in loading state_dict for Student: "),
+    "config.json with an extra key": (
+        _extra_config_key, "{s} (config.json, model.safetensors): cannot read the student "
+                           "model (TypeError: "),
+    "malformed tokenizer.json": (
+        lambda folder: (folder / "tokenizer.json").write_text('{"version": "1.0", "mod'),
+        "{s}/tokenizer.json: cannot read the student's tokenizer (Exception: "),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPORT_CASES))
+def test_export_on_a_damaged_student_names_the_file(project, student, tmp_path, case):
+    from components import export
+
+    folder, raw, params = project
+    damage, expected = EXPORT_CASES[case]
+    damage(student)
+    out = tmp_path / "export"
+    raw = {**raw, "paths": {**raw["paths"], "student": str(student), "export": str(out)}}
+    with pytest.raises(StageError) as err:
+        export.run(validate(raw))
+    msg = str(err.value)
+    assert msg.startswith(expected.format(s=student)), msg
+    assert msg.endswith("rerun the distill stage (dvc repro -f distill)"), msg
+    assert "\n" not in msg and not out.exists() and leftovers(out) == []
 
 
 def test_still_debug_shows_the_full_traceback(tmp_path):
@@ -314,6 +443,8 @@ def test_still_debug_shows_the_full_traceback(tmp_path):
     proc = run_stage_cli("prepare", raw, folder, env={"STILL_DEBUG": "1"})
     assert proc.returncode == 1
     assert "Traceback (most recent call last)" in proc.stderr
-    assert proc.stderr.rstrip().splitlines()[-1].startswith("FileNotFoundError: ")
+    assert "\nFileNotFoundError: " in proc.stderr  # the cause, with its own traceback
+    assert proc.stderr.rstrip().splitlines()[-1].startswith(
+        "components.common.StageError: prepare.source=")
     assert not (folder / "data").exists()
 

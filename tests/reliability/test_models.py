@@ -24,7 +24,8 @@ from tests.reliability.conftest import leftovers, snapshot
 def prepared(tmp_path_factory, dataset_csv, tiny_teacher):
     """Prepared data and a tiny saved student (weights + its tokenizer), built once."""
     work = tmp_path_factory.mktemp("models")
-    params = validate(tiny_raw_params(work, dataset_csv, tiny_teacher, **{"export.int8": False}))
+    params = validate(tiny_raw_params(work, dataset_csv, tiny_teacher, **{
+        "export.int8": False, "evaluate.cascade.enabled": False}))
     prepare.run(params)
     tok = train(make_examples(per_class=20)["text"].tolist(), "wordpiece", vocab_size=80,
                 min_frequency=1)
@@ -110,7 +111,7 @@ def _eval_inputs(params, good, tiny_teacher, tmp_path):
     export_dir = tmp_path / "export"
     export_dir.mkdir()
     return with_paths(params, teacher=teacher_dir, student=good, export=export_dir,
-                      evaluate=tmp_path / "evaluate")
+                      evaluate=tmp_path / "evaluate", results=tmp_path / "results")
 
 
 def test_corrupt_onnx_file_names_the_file(prepared, tiny_teacher, tmp_path):
@@ -123,7 +124,7 @@ def test_corrupt_onnx_file_names_the_file(prepared, tiny_teacher, tmp_path):
     msg = str(err.value)
     assert msg.startswith(f"{onnx} cannot be loaded by ONNX Runtime")
     assert "rerun the export stage (dvc repro -f export)" in msg
-    assert not Path(params.paths.evaluate).exists()
+    assert not Path(params.paths.evaluate).exists() and not Path(params.paths.results).exists()
 
 
 def test_corrupt_teacher_checkpoint_names_the_folder(prepared, tiny_teacher, tmp_path):

@@ -13,9 +13,9 @@ import time
 
 import torch
 
+from components.artifacts import load_split
 from components.config import load_params
 from components.evaluate import build_systems
-from components.prepare import load_split
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
 
     params = load_params(args.params)
     torch.set_num_threads(params.evaluate.num_threads)
-    texts = load_split(params, "test")["text"].tolist()[: args.examples]
+    texts = load_split(params.paths, "test")["text"].tolist()[: args.examples]
     systems, trt_skip = build_systems(params)
     if trt_skip:
         print(f"TensorRT engines left out: {trt_skip}")

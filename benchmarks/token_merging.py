@@ -26,16 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from components import export
-from components.artifacts import STUDENT_FP32
+from components.artifacts import STUDENT_FP32, TOKENIZER_FILE, load_split
 from components.common import PARAMS_FILE, StageError, read_json, redact
 from components.config import apply_overrides, load_params, stage_params, validate
-from components.distill import student as student_io
 from components.distill import train as distill
 from components.flops import encoder_flops
-from components.prepare import load_split
+from components.models import student as student_io
 from components.runtimes import ort_session
 from components.textdata import encode, pad_batch, pad_id
-from components.tokenizer import TOKENIZER_FILE
 
 
 def parse_config(text: str) -> tuple[str, dict]:
@@ -99,7 +97,7 @@ def main() -> None:
 
     params = load_params(args.params)
     out = Path(args.out)
-    test = load_split(params, "test")
+    test = load_split(params.paths, "test")
     labels = test["label"].to_numpy()
     rows = []
     for name, overrides in configs:

@@ -10,7 +10,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import random
 import re
 import shutil
 import sys
@@ -93,17 +92,6 @@ def redact(value: Any) -> Any:
             lambda m: f"{m['name']}={REDACTED}" if is_secret_name(m["name"][1:]) else m[0],
             value)
     return value
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    os.environ["PYTHONHASHSEED"] = str(seed)
-    try:
-        import torch
-    except ImportError:  # prepare/tokenizer don't need torch
-        return
-    torch.manual_seed(seed)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:

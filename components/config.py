@@ -7,6 +7,7 @@ message names each offending key, so a user fixes params.yaml in one pass.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -155,7 +156,7 @@ class Prepare(_Section):
 
 
 class Tokenizer(_Section):
-    type: Literal["bpe", "wordpiece", "unigram"] = "wordpiece"
+    type: Literal["bpe", "wordpiece", "unigram"] = "bpe"
     vocab_size: int = 8000
     min_frequency: int = Field(2, ge=1)
     lowercase: bool = True
@@ -215,6 +216,12 @@ class FeatureDistill(_Section):
     layer_map: dict[int, int] = Field(default_factory=dict)  # student layer -> teacher layer
 
 
+def merge_min_tokens(r: int, merging_layers: int) -> int:
+    """Shortest input a token-merging student accepts: the last merging layer still needs r
+    mergeable tokens on each side of the bipartite split, plus the protected [CLS]."""
+    return r * (merging_layers + 1) + 2 if merging_layers and r else 1
+
+
 class Distill(_Optim):
     layers: int = Field(ge=1)
     hidden: int = Field(ge=8)
@@ -241,9 +248,7 @@ class Distill(_Optim):
             problems.append(f"distill.merge.layers: {bad_layers} outside 0..{self.layers - 1}")
         if m.method != "none":
             merging = len(m.layers or range(self.layers))
-            # The last merging layer still needs r tokens on each side of the bipartite split
-            # plus [CLS]: the same bound as StudentConfig.min_tokens().
-            needed = m.r * (merging + 1) + 2
+            needed = merge_min_tokens(m.r, merging)
             if needed > self.max_length:
                 problems.append(
                     f"distill.merge.r: r={m.r} over {merging} layer(s) needs sequences of "
@@ -423,7 +428,7 @@ def parse_override(item: str) -> tuple[str, Any]:
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Return a copy of `raw` with dotted-key overrides applied (new keys are kept, then rejected
     by validation if unknown, so a typo in an override is reported like a typo in the file)."""
-    out = _deep_copy(raw)
+    out = copy.deepcopy(raw)
     for dotted, value in overrides.items():
         node = out
         parts = dotted.split(".")
@@ -433,10 +438,6 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
                 raise ParamsError(f"override {dotted!r}: {part!r} is not a section")
         node[parts[-1]] = value
     return out
-
-
-def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
 def format_errors(err: ValidationError) -> str:

@@ -59,7 +59,6 @@ from sklearn.metrics import accuracy_score, f1_score
 from tqdm.auto import tqdm
 
 from components import cascade, report, tracking
-from components import tensorrt as trt_engines
 from components.artifacts import (
     STUDENT_FP32,
     STUDENT_INT8,
@@ -67,12 +66,14 @@ from components.artifacts import (
     TEACHER_FP32,
     TEACHER_INT8,
     TEACHER_TOKENIZER,
+    load_label_names,
+    load_split,
 )
-from components.common import StageError, atomic_dir, file_size, stage_main, write_json
+from components.common import StageError, atomic_dir, file_size, read_json, stage_main, write_json
 from components.config import Params
-from components.distill import student as student_io
 from components.flops import encoder_flops
-from components.prepare import load_label_names, load_split
+from components.models import student as student_io
+from components.models.teacher import load_saved
 from components.runtimes import (
     Runner,
     TextEncoder,
@@ -82,6 +83,7 @@ from components.runtimes import (
     torch_runner,
 )
 from components.stats import Bootstrap, timing_summary, versus
+from components.trt import engines, graphs
 
 PLOT_FILE = "plots/systems.json"
 CASCADE_FILE = "plots/cascade.json"
@@ -104,13 +106,49 @@ class System:
         return self.run(*self.encoder(texts))
 
 
+def evaluate_runners(params: Params, export_dir: str | Path) -> tuple[list, str | None]:
+    """`(name, runner, size_bytes)` for each engine the export stage built
+    (`student_trt_<precision>`; a runner takes torch CPU tensors like every other runner), or
+    `([], reason)` when there are none to run here."""
+    export_dir = Path(export_dir)
+    try:
+        entry = read_json(export_dir / "metrics.json").get("tensorrt")
+    except StageError as err:
+        return [], str(err)
+    if entry is None:
+        return [], ("export metrics have no 'tensorrt' entry (made before TensorRT support): "
+                    "rerun dvc repro -f export")
+    status = entry.get("status", "unknown")
+    if status != "built":
+        return [], status
+    ok, reason = engines.availability()
+    if not ok:
+        return [], f"skipped (engines exist but cannot run here: {reason})"
+    runners = []
+    for precision in graphs.PRECISIONS:
+        if entry.get(precision, {}).get("status") != "built":
+            continue
+        path = export_dir / graphs.ENGINE_DIR / f"{precision}.engine"
+        try:
+            engine = engines.TensorRTRunner(path)
+        except StageError as err:
+            return [], f"skipped ({err})"
+        runners.append((f"student_trt_{precision}", _torch_inputs(engine), file_size(path)))
+    return runners, None if runners else "no TensorRT engine marked built in export metrics"
+
+
+def _torch_inputs(runner: engines.TensorRTRunner) -> Runner:
+    def run(input_ids, mask) -> np.ndarray:  # torch CPU tensors, as from TextEncoder
+        return runner(input_ids.numpy(), mask.numpy())
+
+    return run
+
+
 def build_systems(params: Params) -> tuple[list[System], str | None]:
     """Every system to measure, and why TensorRT engines are not among them (None if they are)."""
     from tokenizers import Tokenizer
 
-    from components.teacher import load_trained
-
-    teacher, teacher_tok = load_trained(params)
+    teacher, teacher_tok = load_saved(params.paths.teacher)
     teacher_dir = Path(params.paths.teacher)
     student_dir, export_dir = Path(params.paths.student), Path(params.paths.export)
     student = student_io.load(student_dir)
@@ -155,7 +193,7 @@ def build_systems(params: Params) -> tuple[list[System], str | None]:
         *onnx_systems("student", (("student_onnx", STUDENT_FP32),
                                   ("student_onnx_int8", STUDENT_INT8))),
     ]
-    runners, trt_skip = trt_engines.evaluate_runners(params, export_dir)
+    runners, trt_skip = evaluate_runners(params, export_dir)
     for name, runner, size in runners:
         systems.append(System(name, "tensorrt", "student", runner, s_enc, size, n_student,
                               student_flops))
@@ -348,7 +386,7 @@ def run_cascade(params: Params, systems: dict[str, System], test_logits: dict[st
         if name not in systems:
             raise StageError(f"evaluate.cascade.{role} {name!r} is not an evaluated system "
                              f"(evaluated: {', '.join(systems)})")
-    val = load_split(params, "validation")
+    val = load_split(params.paths, "validation")
     v_texts, v_labels = val["text"].tolist(), val["label"].to_numpy()
     bs = params.evaluate.throughput_batch_size
     v_logits = {name: np.concatenate([systems[name].logits(v_texts[i : i + bs])
@@ -407,9 +445,9 @@ def run(params: Params) -> dict:
     output) and the measured ones (`paths.results`, git-tracked, outside dvc.lock)."""
     cfg = params.evaluate
     pin_torch_threads(cfg.num_threads)
-    test = load_split(params, "test")
+    test = load_split(params.paths, "test")
     texts, labels = test["text"].tolist(), test["label"].to_numpy()
-    names = load_label_names(params)
+    names = load_label_names(params.paths)
     systems, trt_skip = build_systems(params)
     if trt_skip:
         print(f"evaluate: TensorRT engines not evaluated: {trt_skip}")

@@ -23,6 +23,13 @@ Exporter: the TorchScript-based `torch.onnx.export(..., dynamo=False)`; it handl
 student's plain ops with named dynamic axes and needs no extra package (the dynamo exporter
 needs `onnxscript`).
 
+TensorRT (`export.tensorrt`; CUDA GPU + `pip install 'still[trt]'` only): `export_engines`
+builds one engine per precision into `tensorrt/` (`<precision>.engine`, the `<precision>.onnx`
+graph it was built from, a `.engine.json` sidecar; see `components/trt/`) and checks each
+against ONNX Runtime on the parity batches. Without a GPU or TensorRT, `metrics.json` records
+`"tensorrt": {"status": "skipped (reason)"}` (`enabled: auto`) or the stage fails with a
+`StageError` that says what is missing (`enabled: true`).
+
 Run: `python -m components.export` (or `dvc repro export`).
 """
 
@@ -35,7 +42,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components import tensorrt as trt_engines
 from components.artifacts import (
     STUDENT_FP32,
     STUDENT_INT8,
@@ -43,6 +49,7 @@ from components.artifacts import (
     TEACHER_FP32,
     TEACHER_INT8,
     TEACHER_TOKENIZER,
+    load_split,
 )
 from components.common import (
     StageError,
@@ -53,10 +60,11 @@ from components.common import (
     write_json,
 )
 from components.config import Params
-from components.distill import student as student_io
-from components.prepare import load_split
+from components.models import student as student_io
+from components.models.teacher import load_saved
 from components.runtimes import INPUTS, OUTPUTS, TextEncoder, ort_session
-from components.textdata import batches
+from components.textdata import batches, encode, pad_batch, pad_id
+from components.trt import engines, graphs
 
 
 class ParityError(StageError):
@@ -85,7 +93,7 @@ def parity_batches(params: Params,
     (never shorter than the encoder's `min_length`, the shortest input a token-merging
     student takes)."""
     cfg = params.export
-    texts = load_split(params, "validation")["text"].tolist()
+    texts = load_split(params.paths, "validation")["text"].tolist()
     ids = encoder.ids(texts[: 2 * cfg.parity_batch_size + cfg.parity_batches])
     out, start = [], 0
     for i in range(cfg.parity_batches):
@@ -194,6 +202,105 @@ def export_model(model: torch.nn.Module, data, out: Path, fp32_name: str, int8_n
     return result
 
 
+# --------------------------------------------------------------------------- TensorRT
+
+
+def calibration_batches(params: Params, tokenizer,
+                        min_length: int = 1) -> list[dict[str, np.ndarray]]:
+    """`export.tensorrt.calibration_batches` real validation batches of `opt_batch` examples,
+    full length (truncated to `distill.max_length`), padded to the profile's shortest length."""
+    cfg = params.export.tensorrt
+    texts = load_split(params.paths, "validation")["text"].tolist()
+    ids = encode(tokenizer, texts, params.distill.max_length)
+    out = []
+    for start in range(0, len(ids), cfg.opt_batch):
+        if len(out) == cfg.calibration_batches:
+            break
+        input_ids, mask = pad_batch(ids[start : start + cfg.opt_batch], pad_id(tokenizer))
+        profile = graphs.profile_shapes(cfg, params.distill.max_length, min_length)
+        seq = max(input_ids.shape[1], profile[graphs.INPUT_NAMES[0]][0][1])
+        feed = {}
+        for name, tensor, fill in zip(graphs.INPUT_NAMES, (input_ids, mask),
+                                      (pad_id(tokenizer), 0), strict=True):
+            arr = np.full((len(tensor), seq), fill, dtype=np.int32)  # up to the profile's min
+            arr[:, : tensor.shape[1]] = tensor.numpy()
+            feed[name] = arr
+        out.append(feed)
+    if not out:
+        raise StageError("the validation split is empty: INT8 calibration needs examples")
+    return out
+
+
+def _as_feed(batch) -> dict[str, np.ndarray]:
+    """A parity batch, (input_ids, mask) tensors or a dict, as numpy arrays."""
+    items = (batch.items() if isinstance(batch, dict)
+             else zip(graphs.INPUT_NAMES, batch, strict=True))
+    return {k: (v.numpy() if hasattr(v, "numpy") else np.asarray(v)) for k, v in items}
+
+
+def export_engines(params: Params, onnx_path: str | Path, out_dir: str | Path, parity_batches,
+                   tokenizer=None, min_length: int = 1) -> dict:
+    """The export stage's TensorRT step: build, check and describe one engine per precision.
+
+    Args:
+        params: validated params (`export.tensorrt`, `distill.max_length`).
+        onnx_path: the FP32 ONNX model (int64 inputs) written by the export stage.
+        out_dir: the export folder; engines go to `out_dir/tensorrt/`.
+        parity_batches: real validation batches, `(input_ids, attention_mask)` or dicts.
+        tokenizer: the student's tokenizer, for INT8 calibration batches from the validation
+            split; without it the parity batches calibrate (weaker: they are also the check).
+        min_length: the shortest input the student accepts (`StudentConfig.min_tokens()`).
+
+    Returns:
+        `{"status": "skipped (reason)"}` or `{"status": "built", "<precision>": {...}}`.
+
+    Raises:
+        StageError: `enabled: true` but no GPU/TensorRT (the message says how to fix it).
+        TensorRTParityError / TensorRTBuildError: an engine failed to build or to match.
+    """
+    cfg = params.export.tensorrt
+    if cfg.enabled is False:
+        return {"status": "skipped (disabled in params)"}
+    ok, reason = engines.availability()
+    if not ok:
+        if cfg.enabled == "auto":
+            return {"status": f"skipped ({reason})"}
+        raise StageError(
+            f"export.tensorrt.enabled is true but TensorRT cannot run here: {reason}. Run on a "
+            f"machine with a CUDA GPU and TensorRT 10 ({engines.INSTALL_HINT}), or set "
+            "export.tensorrt.enabled: auto to skip TensorRT where it is unavailable "
+            "(false to never build engines).")
+    folder = Path(out_dir) / graphs.ENGINE_DIR
+    feeds = [_as_feed(b) for b in parity_batches]
+    calib, calib_source = None, None
+    if "int8" in cfg.precisions:
+        if tokenizer is not None:
+            calib = calibration_batches(params, tokenizer, min_length)
+            calib_source = "validation split"
+        else:
+            calib, calib_source = feeds, "parity batches"
+    fp32 = ort_session(onnx_path)
+    result: dict = {"status": "built"}
+    for precision in cfg.precisions:
+        engine = folder / f"{precision}.engine"
+        info = engines.build_engine(onnx_path, engine, precision, cfg, params.distill.max_length,
+                                    calib if precision == "int8" else None, min_length)
+        reference = fp32 if precision == "fp16" else graphs.reference_session(
+            engine.with_suffix(".onnx"), optimize=False)
+        parity = engines.check_engine_parity(engines.TensorRTRunner(engine), reference, fp32,
+                                             feeds, cfg.atol, precision)
+        result[precision] = {
+            "status": "built", "bytes": info["bytes"], **parity,
+            "parity_reference": ("model.onnx" if precision == "fp16"
+                                 else f"{graphs.ENGINE_DIR}/int8.onnx"),
+            "fp32_layers": len(info["fp32_layers"]),
+            **({"calibration": calib_source} if precision == "int8" else {}),
+        }
+        result.setdefault("tensorrt_version", info["tensorrt_version"])
+        result.setdefault("gpu", info["gpu"])
+    return result
+
+
 def run(params: Params) -> dict:
     from tokenizers import Tokenizer
 
@@ -215,13 +322,11 @@ def run(params: Params) -> dict:
         metrics = {"opset": cfg.opset, "min_tokens": sc.min_tokens(),
                    **export_model(model, data, out, STUDENT_FP32,
                                   STUDENT_INT8 if cfg.int8 else None, cfg, sc.heads, sc.hidden)}
-        metrics["tensorrt"] = trt_engines.export_engines(
+        metrics["tensorrt"] = export_engines(
             params, out / STUDENT_FP32, out, data, tokenizer, sc.min_tokens())
         shutil.copyfile(student_dir / STUDENT_TOKENIZER, out / STUDENT_TOKENIZER)
         if cfg.teacher:
-            from components.teacher import load_trained
-
-            teacher, hf_tok = load_trained(params, attn_implementation="eager")
+            teacher, hf_tok = load_saved(params.paths.teacher, attn_implementation="eager")
             t_tok = hf_tok.backend_tokenizer
             t_data = parity_batches(params, TextEncoder(t_tok, params.teacher.max_length))
             tc = teacher.hf.config

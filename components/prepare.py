@@ -53,23 +53,20 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
+from components.artifacts import SPLITS, write_prepared
 from components.common import (
     SKIP_REASONS,
     Listing,
     StageError,
     atomic_dir,
     describe,
-    read_json,
-    reading,
     remote_options,
     resolve_location,
     stage_main,
     walk_local,
-    write_json,
 )
 from components.config import Params, Prepare
 
-SPLITS = ("train", "validation", "test")
 _SUFFIX_FORMATS = {
     ".csv": "csv",
     ".tsv": "tsv",
@@ -730,17 +727,16 @@ def run(params: Params) -> dict:
                        "max": int(lengths.max())},
         "splits": {},
     }
+    parts = {split: df.iloc[idx][["text", "label", "label_name"]].reset_index(drop=True)
+             for split, idx in split_idx.items()}
+    for split, part in parts.items():
+        per_class = part["label_name"].value_counts().sort_index()
+        report["splits"][split] = {
+            "examples": len(part),
+            "per_class": {name: int(n) for name, n in per_class.items()},
+        }
     with atomic_dir(params.paths.data, params, "prepare") as out:
-        for split, idx in split_idx.items():
-            part = df.iloc[idx][["text", "label", "label_name"]].reset_index(drop=True)
-            part.to_parquet(out / f"{split}.parquet", index=False)
-            per_class = part["label_name"].value_counts().sort_index()
-            report["splits"][split] = {
-                "examples": len(part),
-                "per_class": {name: int(n) for name, n in per_class.items()},
-            }
-        write_json(out / "label_map.json", {"labels": label_names})
-        write_json(out / "report.json", report)
+        write_prepared(out, parts, label_names, report)
     sizes = {s: report["splits"][s]["examples"] for s in SPLITS}
     print(f"prepare: kept {len(df)} of {report['rows_read']} rows, dropped "
           f"{report['dropped']}, splits {sizes}")
@@ -751,52 +747,6 @@ def run(params: Params) -> dict:
     if tally.label_merges:
         print(f"prepare: label spellings merged: {tally.label_merges}")
     return report
-
-
-_DAMAGED = ("it is damaged (a full disk, an interrupted copy) or was edited: restore it with "
-            "`dvc checkout`, or rerun the prepare stage (dvc repro -f prepare)")
-
-
-def load_split(params: Params, split: str) -> pd.DataFrame:
-    """A prepared split, checked against `label_map.json`: a label id outside the map (or a
-    name that disagrees with it) means the split and the map come from different runs, and
-    every accuracy computed on it would be wrong."""
-    path = Path(params.paths.data) / f"{split}.parquet"
-    if not path.is_file():
-        raise StageError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
-    with reading(path, f"the prepared {split} split", _DAMAGED):
-        df = pd.read_parquet(path)
-        missing = {"text", "label"} - set(df.columns)
-        if missing:
-            raise ValueError(f"no column(s) {sorted(missing)}")
-    names = load_label_names(params)
-    ids = df["label"].to_numpy()
-    unknown = sorted({int(i) for i in ids if not 0 <= i < len(names)})
-    if unknown:
-        raise StageError(
-            f"{path}: label id(s) {unknown} are not in "
-            f"{Path(params.paths.data) / 'label_map.json'} ({len(names)} labels: {names}); "
-            "the split and the label map come from different "
-            "prepare runs: rerun prepare (dvc repro prepare) and the stages after it")
-    if "label_name" in df:
-        mismatch = df["label_name"].to_numpy() != np.asarray(names, dtype=object)[ids]
-        if mismatch.any():
-            row = int(np.flatnonzero(mismatch)[0])
-            raise StageError(
-                f"{path}: row {row} has label {int(ids[row])} named "
-                f"{df['label_name'].iloc[row]!r} but label_map.json calls it "
-                f"{names[ids[row]]!r}; rerun prepare (dvc repro prepare)")
-    return df
-
-
-def load_label_names(params: Params) -> list[str]:
-    path = Path(params.paths.data) / "label_map.json"
-    labels = read_json(path)
-    labels = labels.get("labels") if isinstance(labels, dict) else None
-    if not (isinstance(labels, list) and labels and all(isinstance(n, str) for n in labels)):
-        raise StageError(f"{path}: cannot read the label map (expected {{\"labels\": [class "
-                         f"names]}}); {_DAMAGED}")
-    return labels
 
 
 def main() -> None:

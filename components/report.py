@@ -125,17 +125,30 @@ def confusion(labels: np.ndarray, preds: np.ndarray, names: list[str], title: st
     }
 
 
+def _cell(value, spec: str) -> str:
+    if value is None:
+        return "-"
+    if spec == "auto":  # numbers to 4 significant digits, anything else as it is
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+    return format(value, spec) if spec else str(value)
+
+
 def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> list[str]:
-    """Markdown table; columns are (key, header, format spec)."""
+    """Markdown table lines; columns are (key, header, format spec or "auto")."""
     out = ["| " + " | ".join(h for _, h, _ in columns) + " |",
            "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
-        cells = []
-        for key, _, spec in columns:
-            v = row.get(key)
-            cells.append("-" if v is None else format(v, spec) if spec else str(v))
-        out.append("| " + " | ".join(cells) + " |")
+        out.append("| " + " | ".join(_cell(row.get(key), spec) for key, _, spec in columns)
+                   + " |")
     return out
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """A Markdown table of `rows` with every key as a column (the flows' artifacts)."""
+    if not rows:
+        return "_no rows_"
+    keys = dict.fromkeys(k for r in rows for k in r)
+    return "\n".join(_table(rows, [(k, k, "auto") for k in keys]))
 
 
 def _ci(v: list[float] | None, spec: str = ".4f") -> str:

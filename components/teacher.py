@@ -16,79 +16,24 @@ Run: `python -m components.teacher` (or `dvc repro teacher`).
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from components.common import StageError, atomic_dir, resolve_location, stage_main, write_json
+from components.artifacts import (
+    SPLITS,
+    load_label_names,
+    load_split,
+    write_teacher_outputs,
+)
+from components.common import StageError, atomic_dir, stage_main, write_json
 from components.config import Params
-from components.prepare import SPLITS, load_label_names, load_split
+from components.hub import load_tokenizer, loading, model_path
+from components.models.teacher import HFClassifier, with_head
 from components.textdata import EncodedDataset, TextDataModule, batches, encode, pad_id
 from components.training import ClassifierModule, configure_torch, cross_entropy, fit
-
-OUTPUTS_FILE = "outputs.npz"
-
-
-class HFClassifier(nn.Module):
-    """Adapter: a Hugging Face sequence classifier as `model(input_ids, mask) -> logits`,
-    so the shared fit loop and the exporters see the same signature as the student."""
-
-    def __init__(self, hf_model: nn.Module):
-        super().__init__()
-        self.hf = hf_model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
-
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """Logits and the mean-pooled (as sentence-transformers pools) hidden states of the
-        embeddings and of every layer: [B, layers + 1, hidden]."""
-        out = self.hf(input_ids=input_ids, attention_mask=attention_mask,
-                      output_hidden_states=True)
-        m = attention_mask.unsqueeze(-1).to(out.hidden_states[0].dtype)
-        layers = [(h * m).sum(1) / m.sum(1).clamp(min=1) for h in out.hidden_states]
-        return out.logits, torch.stack(layers, dim=1)
-
-
-def _model_path(ref: str) -> str:
-    path = resolve_location(ref)
-    local = Path(path)
-    if local.exists() and not (local / "config.json").is_file():
-        raise StageError(f"teacher.model={ref!r}: {local} has no config.json; point it at a "
-                         "Hugging Face model folder")
-    if not local.exists() and (path.startswith((".", "/")) or path.count("/") > 1):
-        raise StageError(f"teacher.model={ref!r}: folder {path} does not exist; point "
-                         "teacher.model at a Hugging Face model folder, a hub id or "
-                         "pkg:MODULE/sub/path")
-    return path
-
-
-@contextlib.contextmanager
-def _loading(what: str, fix: str) -> Iterator[None]:
-    """Turn a loader's own exception (OSError, safetensors' errors, ...) into a StageError
-    naming `what` and the fix."""
-    try:
-        yield
-    except StageError:
-        raise
-    except Exception as err:  # transformers/safetensors raise many types for a bad folder
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise StageError(f"{what} cannot be loaded ({first}); {fix}") from None
-
-
-def load_tokenizer(ref: str):
-    from transformers import AutoTokenizer
-
-    path = _model_path(ref)
-    with _loading(f"teacher.model={ref!r}: the tokenizer in {path}",
-                  "point teacher.model at a model folder with tokenizer files (or a hub id "
-                  "reachable from here)"):
-        return AutoTokenizer.from_pretrained(path)
 
 
 def head_labels(config) -> list[str] | None:
@@ -117,21 +62,6 @@ def needs_finetune(config, label_names: list[str], mode: str, ref: str = "") -> 
     return not matches
 
 
-def load_model(path: str, label_names: list[str]) -> nn.Module:
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected here
-    hf = AutoModelForSequenceClassification.from_pretrained(
-        path,
-        num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)),
-        label2id={n: i for i, n in enumerate(label_names)},
-        ignore_mismatched_sizes=True,
-    )
-    return HFClassifier(hf)
-
-
 @torch.no_grad()
 def predict_outputs(model: HFClassifier, ids: list[list[int]], batch_size: int, pad: int):
     model.eval()
@@ -148,20 +78,20 @@ def run(params: Params) -> dict:
 
     cfg = params.teacher
     configure_torch(params)
-    label_names = load_label_names(params)
-    path = _model_path(cfg.model)
+    label_names = load_label_names(params.paths)
+    path = model_path(cfg.model)
     hf_tok = load_tokenizer(cfg.model)
     backend, pad = hf_tok.backend_tokenizer, pad_id(hf_tok.backend_tokenizer)
-    frames = {s: load_split(params, s) for s in SPLITS}
+    frames = {s: load_split(params.paths, s) for s in SPLITS}
     ids = {s: encode(backend, frames[s]["text"], cfg.max_length) for s in SPLITS}
     labels = {s: frames[s]["label"].to_numpy() for s in SPLITS}
 
     fix = "point teacher.model at an intact Hugging Face model folder (re-download it)"
-    with _loading(f"teacher.model={cfg.model!r}: {path}/config.json", fix):
+    with loading(f"teacher.model={cfg.model!r}: {path}/config.json", fix):
         config = AutoConfig.from_pretrained(path)
     finetune = needs_finetune(config, label_names, cfg.finetune, cfg.model)
-    with _loading(f"teacher.model={cfg.model!r}: the weights in {path}", fix):
-        model = load_model(path, label_names)
+    with loading(f"teacher.model={cfg.model!r}: the weights in {path}", fix):
+        model = with_head(path, label_names)
     module = ClassifierModule(model, cross_entropy, cfg.lr, cfg.weight_decay, cfg.warmup_ratio)
     data = TextDataModule(EncodedDataset(ids["train"], labels["train"]),
                           EncodedDataset(ids["validation"], labels["validation"]),
@@ -186,40 +116,10 @@ def run(params: Params) -> dict:
         hf_tok.save_pretrained(out)
         write_json(out / "metrics.json", metrics)
         with atomic_dir(params.paths.teacher_outputs, params, "teacher") as cache:
-            np.savez(
-                cache / OUTPUTS_FILE,
-                **{f"{s}_logits": outputs[s][0] for s in SPLITS},
-                **{f"{s}_layers": outputs[s][1] for s in SPLITS},
-            )
+            write_teacher_outputs(cache, outputs)
     shutil.rmtree(checkpoints, ignore_errors=True)
     print(f"teacher: fine-tuned={finetune}, validation accuracy {accuracy['validation']:.4f}")
     return metrics
-
-
-def load_outputs(params: Params) -> dict[str, np.ndarray]:
-    path = Path(params.paths.teacher_outputs) / OUTPUTS_FILE
-    if not path.is_file():
-        raise StageError(f"{path} not found: run the teacher stage first (dvc repro teacher)")
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
-
-
-def load_trained(params: Params,
-                 attn_implementation: str | None = None) -> tuple[HFClassifier, object]:
-    """The fine-tuned teacher saved by this stage, and its tokenizer. `attn_implementation`
-    goes to transformers as it is (export asks for "eager": the ONNX exporter traces plain
-    matmul + softmax, which ORT can quantise)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    folder = Path(params.paths.teacher)
-    if not (folder / "config.json").is_file():
-        raise StageError(f"{folder} has no teacher: run the teacher stage (dvc repro teacher)")
-    with _loading(f"the teacher in {folder} (model.safetensors / config.json)",
-                  "rerun the teacher stage (dvc repro -f teacher)"):
-        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        hf = AutoModelForSequenceClassification.from_pretrained(folder, **extra)
-        tok = AutoTokenizer.from_pretrained(folder)
-    return HFClassifier(hf).eval(), tok
 
 
 def main() -> None:

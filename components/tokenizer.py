@@ -12,8 +12,6 @@ Run: `python -m components.tokenizer` (or `dvc repro tokenizer`).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from tokenizers import (
     Tokenizer,
@@ -25,11 +23,11 @@ from tokenizers import (
     trainers,
 )
 
-from components.common import StageError, atomic_dir, reading, stage_main, write_json
+from components.artifacts import TOKENIZER_FILE, load_split
+from components.common import atomic_dir, stage_main, write_json
 from components.config import SPECIAL_TOKENS, Params
-from components.prepare import load_split
+from components.hub import load_backend_tokenizer
 
-TOKENIZER_FILE = "tokenizer.json"
 PAD, UNK, CLS, SEP = SPECIAL_TOKENS[:4]
 
 
@@ -93,15 +91,13 @@ def token_stats(encodings, unk_id: int | None) -> dict[str, float]:
 
 def teacher_tokenizer(params: Params) -> Tokenizer:
     """The teacher's fast tokenizer as a raw `tokenizers.Tokenizer`, for a like-for-like count."""
-    from components.teacher import load_tokenizer
-
-    return load_tokenizer(params.teacher.model).backend_tokenizer
+    return load_backend_tokenizer(params.teacher.model)
 
 
 def run(params: Params) -> dict:
     cfg = params.tokenizer
-    train_texts = load_split(params, "train")["text"].tolist()
-    eval_texts = load_split(params, "validation")["text"].tolist()
+    train_texts = load_split(params.paths, "train")["text"].tolist()
+    eval_texts = load_split(params.paths, "validation")["text"].tolist()
 
     tok = train(train_texts, cfg.type, cfg.vocab_size, cfg.min_frequency, cfg.lowercase)
     teacher = teacher_tokenizer(params)
@@ -135,16 +131,6 @@ def run(params: Params) -> dict:
         f"({metrics['tokens_ratio_vs_teacher']:.2f}x), unk rate {metrics['unk_rate']:.4f}"
     )
     return metrics
-
-
-def load(params: Params) -> Tokenizer:
-    path = Path(params.paths.tokenizer) / TOKENIZER_FILE
-    if not path.is_file():
-        raise StageError(f"{path} not found: run the tokenizer stage first (dvc repro tokenizer)")
-    with reading(path, "the tokenizer", "it is damaged or was edited: restore it with `dvc "
-                                        "checkout`, or rerun the tokenizer stage (dvc repro -f "
-                                        "tokenizer)"):
-        return Tokenizer.from_file(str(path))
 
 
 def main() -> None:

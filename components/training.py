@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import shutil
 from collections.abc import Callable, Sequence
@@ -31,6 +32,19 @@ from torch import nn
 from components import tracking
 from components.common import StageError
 from components.config import Params
+
+
+class _NoPromotionalTips(logging.Filter):
+    """Lightning logs "💡 Tip: ... try installing litmodels/litlogger" on every fit; the stage
+    logs keep what describes the run and drop the advertising."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip")
+
+
+for _name in ("lightning_utilities.core.rank_zero", "lightning_fabric.utilities.rank_zero",
+              "pytorch_lightning.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(_NoPromotionalTips())
 
 LAST_CHECKPOINT = "last.ckpt"
 PARAMS_HASH_FILE = "params.sha256"

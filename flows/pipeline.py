@@ -22,6 +22,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
+from components.report import markdown_table
 from flows import dvc_ops as dvc
 from flows import tasks
 
@@ -79,13 +80,13 @@ def publish(repo: str, stages: list[dict], metrics: dict, overrides: dict) -> No
     body = (["\n".join("#" + line if line.startswith("#") else line
                         for line in report.read_text().splitlines())]
             if report.is_file() else
-            ["## Systems on the test split", tasks.markdown_table(systems),
-             "## Ratios", tasks.markdown_table([metrics["ratios"]])])
+            ["## Systems on the test split", markdown_table(systems),
+             "## Ratios", markdown_table([metrics["ratios"]])])
     markdown = "\n\n".join([
         f"# still pipeline: {flow_run.get_name()}",
         f"**Overrides:** `{overrides or 'none'}`  \n**Stages run:** {ran}",
         *body,
-        "## Stages", tasks.markdown_table(stages),
+        "## Stages", markdown_table(stages),
         f"Plots: `{evaluate_dir}` (accuracy_vs_throughput, cascade, pareto, confusion PNGs; "
         f"report.html), `dvc plots show` in `{repo}`; metrics: "
         f"`{evaluate_dir / 'metrics.json'}`",

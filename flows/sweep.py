@@ -26,6 +26,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from components.report import markdown_table
 from flows import tasks
 
 ARTIFACT_KEY = "still-sweep"
@@ -64,11 +65,11 @@ def sweep(
     create_markdown_artifact(
         key=ARTIFACT_KEY,
         markdown=f"# still sweep: {prefix}\n\n{len(rows)} DVC experiments "
-                 f"(`dvc exp show` in `{repo}`)\n\n{tasks.markdown_table(rows)}",
+                 f"(`dvc exp show` in `{repo}`)\n\n{markdown_table(rows)}",
         description="Sweep: one row per DVC experiment",
     )
     create_table_artifact(table=rows, key=f"{ARTIFACT_KEY}-table")
-    print(tasks.markdown_table(rows))
+    print(markdown_table(rows))
     return rows
 
 

@@ -151,17 +151,3 @@ def summarize(metrics: dict[str, Any]) -> dict[str, float]:
         row["cascade_speedup_vs_best_teacher"] = metrics["cascade"]["chosen"][
             "speedup_vs_best_teacher"]
     return {k: round(float(v), 4) for k, v in row.items()}
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "_no rows_"
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        lines.append("| " + " | ".join(_cell(r.get(c, "")) for c in columns) + " |")
-    return "\n".join(lines)
-
-
-def _cell(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -76,3 +76,33 @@ def test_byte_level_bpe_needs_room_beyond_its_256_bytes():
     ok = load_params(ROOT / "params.yaml", {"tokenizer.type": "wordpiece",
                                              "tokenizer.vocab_size": 200})
     assert ok.tokenizer.vocab_size == 200
+
+
+def test_every_code_default_is_the_params_yaml_value():
+    """params.yaml is the one source of defaults: a pydantic default that disagrees with it
+    (as `tokenizer.type` once did: wordpiece in code, bpe in the file) fails here."""
+    from pydantic import BaseModel
+    from pydantic_core import PydanticUndefined
+
+    from components.config import Params
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    disagree = []
+
+    def visit(model: type[BaseModel], values: dict, prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            key, value = f"{prefix}{name}", values.get(name)
+            annotation = info.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                visit(annotation, value or {}, key + ".")
+                continue
+            default = info.get_default(call_default_factory=True)
+            if default is PydanticUndefined or name not in values:
+                continue
+            if isinstance(default, BaseModel):
+                default = default.model_dump(mode="json")
+            if default != value:
+                disagree.append(f"{key}: code {default!r}, params.yaml {value!r}")
+
+    visit(Params, raw, "")
+    assert not disagree, "\n".join(disagree)

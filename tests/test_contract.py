@@ -97,7 +97,11 @@ def _imported_project_files(module: str) -> set[str]:
             todo.append(f"{name}.__main__")
         for parent in range(1, len(parts)):  # importing a.b runs a/__init__.py
             todo.append(".".join(parts[:parent]))
-        for node in ast.walk(ast.parse(file.read_text())):
+        tree = ast.parse(file.read_text())
+        for node in ast.walk(tree):  # `if TYPE_CHECKING:` blocks never run: leave them out
+            if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+                node.body = []
+        for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 todo += [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
@@ -115,6 +119,28 @@ def test_code_deps_cover_every_imported_project_file():
         missing = sorted(f for f in _imported_project_files(module)
                          if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps))
         assert not missing, f"stage {name}: add to dvc.yaml deps: {missing}"
+
+
+def _stage_files(name: str) -> set[str]:
+    """The files that belong to stage `name` itself: its module, or its package folder."""
+    module = DVC["stages"][name]["cmd"].removeprefix("python -m ")
+    path = ROOT.joinpath(*module.split("."))
+    if path.is_dir():
+        return {p.relative_to(ROOT).as_posix() for p in path.rglob("*.py")}
+    return {path.with_suffix(".py").relative_to(ROOT).as_posix()}
+
+
+def test_no_stage_imports_another_stage():
+    """Stages meet through components.artifacts (files and readers), components.models and the
+    shared modules, never by importing each other (directly or through a shared module)."""
+    own = {name: _stage_files(name) for name in DVC["stages"]}
+    crossing = []
+    for name, stage in DVC["stages"].items():
+        imported = _imported_project_files(stage["cmd"].removeprefix("python -m "))
+        for other, files in own.items():
+            if other != name and imported & files:
+                crossing.append(f"{name} imports {sorted(imported & files)} of stage {other}")
+    assert not crossing, "\n".join(crossing)
 
 
 def test_stage_params_match_dvc_yaml():

@@ -1,7 +1,7 @@
 import torch
 
 from components.distill.losses import DistillationLoss, kd_kl
-from components.distill.student import Student, StudentConfig, load, save
+from components.models.student import Student, StudentConfig, load, save
 from components.textdata import pad_batch
 
 

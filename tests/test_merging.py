@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from components.distill.merging import merge_tokens, pitome_margin, proportional_attention_bias
+from components.models.merging import merge_tokens, pitome_margin, proportional_attention_bias
 
 METHODS = ["tome", "pitome"]
 

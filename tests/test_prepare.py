@@ -3,7 +3,7 @@ import json
 import pandas as pd
 import pytest
 
-from components import prepare
+from components import artifacts, prepare
 from components.common import StageError
 from components.config import validate
 from tests.conftest import make_examples, tiny_raw_params
@@ -14,7 +14,7 @@ def params_for(tmp_path, source, teacher="unused", **extra):
 
 
 def read_splits(params):
-    return {s: prepare.load_split(params, s) for s in prepare.SPLITS}
+    return {s: artifacts.load_split(params.paths, s) for s in artifacts.SPLITS}
 
 
 def test_csv_is_cleaned_deduplicated_and_split(tmp_path):
@@ -105,13 +105,13 @@ def test_single_class_is_rejected_and_previous_output_survives(tmp_path):
     make_examples(per_class=5).to_csv(good, index=False)
     params = params_for(tmp_path, good)
     prepare.run(params)
-    before = prepare.load_split(params, "train")
+    before = artifacts.load_split(params.paths, "train")
 
     bad = tmp_path / "bad.csv"
     make_examples(per_class=5).assign(label="tech").to_csv(bad, index=False)
     with pytest.raises(StageError, match="at least 2 classes"):
         prepare.run(params_for(tmp_path, bad))
-    assert prepare.load_split(params, "train").equals(before)
+    assert artifacts.load_split(params.paths, "train").equals(before)
     leftovers = [p.name for p in (tmp_path / "work/data").iterdir() if p.name != "prepared"]
     assert leftovers == []
 

@@ -1,5 +1,7 @@
-"""TensorRT engines: profiles, the skip/fail paths and the ONNX rewrites run on any CPU; engine
-builds and parity run only on a CUDA GPU with TensorRT 10 (marked `gpu`, skipped elsewhere)."""
+"""TensorRT (`components/trt/` and the export/evaluate steps that use it): profiles, the
+skip/fail paths and the ONNX rewrites run on any CPU, and so do the build and parity code paths
+with stand-ins for TensorRT; real engine builds and parity run only on a CUDA GPU with TensorRT
+10 (marked `gpu`, skipped elsewhere)."""
 
 from __future__ import annotations
 
@@ -14,15 +16,16 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
-from components import tensorrt as trt_engines
-from components.common import StageError, write_json
+from components.common import StageError, read_json, write_json
 from components.config import TensorRT, validate
-from components.export import export_onnx
+from components.evaluate import evaluate_runners
+from components.export import calibration_batches, export_engines, export_onnx
 from components.textdata import pad_batch
+from components.trt import engines, graphs
 from tests.conftest import tiny_raw_params
 from tests.test_distill import tiny_student
 
-AVAILABLE, REASON = trt_engines.availability()
+AVAILABLE, REASON = engines.availability()
 needs_trt = pytest.mark.skipif(not AVAILABLE, reason=f"TensorRT unavailable: {REASON}")
 NO_GPU = "no CUDA device (torch.cuda.is_available() is False)"
 GPU_CFG = dict(min_batch=1, opt_batch=2, max_batch=4, min_seq=4, opt_seq=8, max_seq=16)
@@ -36,7 +39,7 @@ def params_with(tmp_path, **overrides):
 @pytest.fixture
 def unavailable(monkeypatch):
     """Pretend this machine has no GPU, whatever it has, so the skip paths are deterministic."""
-    monkeypatch.setattr(trt_engines, "availability", lambda: (False, NO_GPU))
+    monkeypatch.setattr(engines, "availability", lambda: (False, NO_GPU))
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,7 @@ def random_batches(shapes, seed=0, vocab=50) -> list[dict[str, np.ndarray]]:
 
 def test_profiles_from_production_params_are_clipped_to_max_length(tmp_path):
     params = params_with(tmp_path)  # tiny: distill.max_length 32, profile seq 8/128/128
-    shapes = trt_engines.profile_shapes(params.export.tensorrt, params.distill.max_length)
+    shapes = graphs.profile_shapes(params.export.tensorrt, params.distill.max_length)
     assert set(shapes) == {"input_ids", "attention_mask"}
     assert shapes["input_ids"] == ((1, 8), (8, 32), (32, 32))
     assert shapes["attention_mask"] == shapes["input_ids"]
@@ -72,16 +75,16 @@ def test_profiles_from_production_params_are_clipped_to_max_length(tmp_path):
 
 def test_profiles_respect_a_merging_students_minimum_length():
     cfg = TensorRT(min_seq=8, opt_seq=16, max_seq=64)
-    assert [s for _, s in trt_engines.profile_shapes(cfg, 32, 12)["input_ids"]] == [12, 16, 32]
+    assert [s for _, s in graphs.profile_shapes(cfg, 32, 12)["input_ids"]] == [12, 16, 32]
     with pytest.raises(ValueError, match="at least 40 tokens but distill.max_length is 32"):
-        trt_engines.profile_shapes(cfg, 32, 40)
+        graphs.profile_shapes(cfg, 32, 40)
 
 
 def test_profiles_keep_values_below_max_length():
     cfg = TensorRT(min_batch=2, opt_batch=4, max_batch=16, min_seq=4, opt_seq=16, max_seq=64)
-    assert trt_engines.profile_shapes(cfg, 128)["input_ids"] == ((2, 4), (4, 16), (16, 64))
+    assert graphs.profile_shapes(cfg, 128)["input_ids"] == ((2, 4), (4, 16), (16, 64))
     # every length above max_length collapses onto it, including min_seq
-    assert trt_engines.profile_shapes(cfg, 2)["input_ids"] == ((2, 2), (4, 2), (16, 2))
+    assert graphs.profile_shapes(cfg, 2)["input_ids"] == ((2, 2), (4, 2), (16, 2))
 
 
 @pytest.mark.parametrize(
@@ -98,7 +101,7 @@ def test_profile_nonsense_is_a_value_error_naming_the_param(fields, max_length, 
     # model_construct skips pydantic's own checks, as a hand-built config would
     cfg = TensorRT.model_construct(**{**TensorRT().model_dump(), **fields})
     with pytest.raises(ValueError, match=message):
-        trt_engines.profile_shapes(cfg, max_length)
+        graphs.profile_shapes(cfg, max_length)
 
 
 def test_params_reject_an_unordered_profile(tmp_path):
@@ -110,7 +113,7 @@ def test_params_reject_an_unordered_profile(tmp_path):
 
 
 def test_availability_gives_a_reason_when_false():
-    ok, reason = trt_engines.availability()
+    ok, reason = engines.availability()
     assert isinstance(ok, bool)
     assert (reason == "") if ok else ("CUDA" in reason or "tensorrt" in reason)
 
@@ -118,22 +121,22 @@ def test_availability_gives_a_reason_when_false():
 def test_auto_skips_with_the_reason(tmp_path, unavailable):
     params = params_with(tmp_path)  # production default: enabled: auto
     assert params.export.tensorrt.enabled == "auto"
-    result = trt_engines.export_engines(params, tmp_path / "model.onnx", tmp_path, [])
+    result = export_engines(params, tmp_path / "model.onnx", tmp_path, [])
     assert result == {"status": f"skipped ({NO_GPU})"}
-    assert not (tmp_path / trt_engines.ENGINE_DIR).exists()
+    assert not (tmp_path / graphs.ENGINE_DIR).exists()
 
 
 def test_disabled_skips_without_looking(tmp_path, monkeypatch):
-    monkeypatch.setattr(trt_engines, "availability", lambda: pytest.fail("must not be called"))
+    monkeypatch.setattr(engines, "availability", lambda: pytest.fail("must not be called"))
     params = params_with(tmp_path, **{"export.tensorrt.enabled": False})
-    result = trt_engines.export_engines(params, tmp_path / "model.onnx", tmp_path, [])
+    result = export_engines(params, tmp_path / "model.onnx", tmp_path, [])
     assert result == {"status": "skipped (disabled in params)"}
 
 
 def test_required_but_unavailable_fails_naming_the_fix(tmp_path, unavailable):
     params = params_with(tmp_path, **{"export.tensorrt.enabled": True})
     with pytest.raises(StageError) as err:
-        trt_engines.export_engines(params, tmp_path / "model.onnx", tmp_path, [])
+        export_engines(params, tmp_path / "model.onnx", tmp_path, [])
     message = str(err.value)
     assert NO_GPU in message
     assert "export.tensorrt.enabled: auto" in message and "still[trt]" in message
@@ -143,46 +146,71 @@ def test_the_real_machine_skip_path(tmp_path):
     """No monkeypatching: on this machine auto either skips with the real reason or builds."""
     if AVAILABLE:
         pytest.skip("a GPU with TensorRT is present: the build is covered by the gpu tests")
-    result = trt_engines.export_engines(params_with(tmp_path), tmp_path / "m.onnx", tmp_path, [])
+    result = export_engines(params_with(tmp_path), tmp_path / "m.onnx", tmp_path, [])
     assert result["status"] == f"skipped ({REASON})"
 
 
 def test_build_and_runner_refuse_clearly_without_tensorrt(tmp_path, tiny_onnx, unavailable):
     cfg = TensorRT(min_batch=1, opt_batch=2, max_batch=4, min_seq=4, opt_seq=8, max_seq=16)
     with pytest.raises(StageError, match="TensorRT is unavailable: no CUDA device"):
-        trt_engines.build_engine(tiny_onnx, tmp_path / "fp16.engine", "fp16", cfg, 16)
+        engines.build_engine(tiny_onnx, tmp_path / "fp16.engine", "fp16", cfg, 16)
     with pytest.raises(StageError, match="no CUDA device"):
-        trt_engines.TensorRTRunner(tmp_path / "fp16.engine")
+        engines.TensorRTRunner(tmp_path / "fp16.engine")
     with pytest.raises(ValueError, match="precision must be one of"):
-        trt_engines.build_engine(tiny_onnx, tmp_path / "x.engine", "fp8", cfg, 16)
+        engines.build_engine(tiny_onnx, tmp_path / "x.engine", "fp8", cfg, 16)
     with pytest.raises(ValueError, match="calibration batches"):
-        trt_engines.build_engine(tiny_onnx, tmp_path / "int8.engine", "int8", cfg, 16)
+        engines.build_engine(tiny_onnx, tmp_path / "int8.engine", "int8", cfg, 16)
 
 
 def test_evaluate_reports_why_there_are_no_engines(tmp_path, unavailable):
     params = params_with(tmp_path)
     export = tmp_path / "export"
-    systems, reason = trt_engines.evaluate_runners(params, export)
+    systems, reason = evaluate_runners(params, export)
     assert systems == [] and "metrics.json not found" in reason
 
     write_json(export / "metrics.json", {"fp32": {}})
-    systems, reason = trt_engines.evaluate_runners(params, export)
+    systems, reason = evaluate_runners(params, export)
     assert systems == [] and "dvc repro -f export" in reason
 
     write_json(export / "metrics.json", {"tensorrt": {"status": f"skipped ({NO_GPU})"}})
-    assert trt_engines.evaluate_runners(params, export) == ([], f"skipped ({NO_GPU})")
+    assert evaluate_runners(params, export) == ([], f"skipped ({NO_GPU})")
 
     write_json(export / "metrics.json", {"tensorrt": {"status": "built", "fp16": {}}})
-    systems, reason = trt_engines.evaluate_runners(params, export)
+    systems, reason = evaluate_runners(params, export)
     assert systems == [] and "engines exist but cannot run here" in reason and NO_GPU in reason
 
 
 # --------------------------------------------------------------------------- ONNX rewrites
 
 
+def _imports(module) -> tuple[set[str], set[str]]:
+    """Modules (and `from` names) `module` imports when it loads, and inside functions."""
+    import ast
+
+    tree = ast.parse(Path(module.__file__).read_text())
+    eager, lazy = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        else:
+            continue
+        (eager if node in tree.body else lazy).update(names)
+    return eager, lazy
+
+
+def test_graphs_never_need_tensorrt_and_engines_import_it_lazily():
+    eager, lazy = _imports(graphs)
+    assert not {n for n in eager | lazy if n.split(".")[0] == "tensorrt"}
+    assert "components.trt.engines" not in eager | lazy
+    eager, lazy = _imports(engines)
+    assert "tensorrt" not in eager and "tensorrt" in lazy
+
+
 def test_int32_onnx_keeps_the_logits(tmp_path, tiny_onnx):
     dst = tmp_path / "int32.onnx"
-    assert trt_engines.int32_onnx(tiny_onnx, dst) == ["input_ids", "attention_mask"]
+    assert graphs.int32_onnx(tiny_onnx, dst) == ["input_ids", "attention_mask"]
     model = onnx.load(str(dst))
     assert {i.name: i.type.tensor_type.elem_type for i in model.graph.input} == {
         "input_ids": TensorProto.INT32, "attention_mask": TensorProto.INT32}
@@ -192,7 +220,7 @@ def test_int32_onnx_keeps_the_logits(tmp_path, tiny_onnx):
     consumers = {x for n in model.graph.node[2:] for x in n.input}
     assert not consumers & {"input_ids", "attention_mask"}  # only the casts read the inputs
 
-    original, rewritten = trt_engines._ort_session(tiny_onnx), trt_engines._ort_session(dst)
+    original, rewritten = graphs.reference_session(tiny_onnx), graphs.reference_session(dst)
     assert [i.type for i in rewritten.get_inputs()] == ["tensor(int32)", "tensor(int32)"]
     for feed in random_batches([(3, 16), (1, 5), (7, 9)]):
         expected = original.run(None, feed)[0]
@@ -203,7 +231,7 @@ def test_int32_onnx_keeps_the_logits(tmp_path, tiny_onnx):
 def test_qdq_onnx_is_symmetric_int8_on_weight_matmuls_only(tmp_path, tiny_onnx):
     graph = tmp_path / "int8.onnx"
     calib = random_batches([(4, 16), (3, 9), (8, 12)], seed=1)
-    info = trt_engines.prepare_onnx(tiny_onnx, graph, "int8", calib)
+    info = graphs.prepare_onnx(tiny_onnx, graph, "int8", calib)
     assert info["quantized_nodes"] == 8  # 2 layers x (qkv, out, mlp in, mlp out)
     assert info["float_head"] == "/head/Gemm" and info["calibration"] == "entropy"
 
@@ -224,10 +252,10 @@ def test_qdq_onnx_is_symmetric_int8_on_weight_matmuls_only(tmp_path, tiny_onnx):
         if node.op_type in ("LayerNormalization", "Softmax", "Gemm", "Gather"):
             assert not produced_by_dq & set(node.input), f"{node.op_type} must stay float"
 
-    fp32, quant = (trt_engines._ort_session(tiny_onnx),
-                   trt_engines._ort_session(graph, optimize=False))
+    fp32, quant = (graphs.reference_session(tiny_onnx),
+                   graphs.reference_session(graph, optimize=False))
     for feed in random_batches([(5, 16), (2, 7)], seed=2):
-        a, b = trt_engines._ort_logits(fp32, feed), trt_engines._ort_logits(quant, feed)
+        a, b = graphs.reference_logits(fp32, feed), graphs.reference_logits(quant, feed)
         assert np.abs(a - b).max() < 0.05 * max(1.0, float(np.abs(a).max()))
 
 
@@ -235,18 +263,21 @@ def test_calibration_batches_come_from_validation_shaped_for_the_profile(tmp_pat
                                                                          monkeypatch):
     import pandas as pd
 
-    from components import prepare
     from components.tokenizer import train
     from tests.conftest import make_examples
 
     texts = make_examples(per_class=10)["text"].tolist()
-    monkeypatch.setattr(prepare, "load_split",
-                        lambda params, split: pd.DataFrame({"text": texts, "label": 0}))
+
+    def validation(paths, split):
+        assert split == "validation" and paths == params.paths
+        return pd.DataFrame({"text": texts, "label": 0})
+
+    monkeypatch.setattr("components.export.load_split", validation)
     tok = train(texts, "wordpiece", vocab_size=100, min_frequency=1)
     params = params_with(tmp_path, **{"export.tensorrt.calibration_batches": 3,
                                       "export.tensorrt.opt_batch": 4,
                                       "export.tensorrt.min_seq": 20})
-    batches = trt_engines.calibration_batches(params, tok)
+    batches = calibration_batches(params, tok)
     assert len(batches) == 3
     for b in batches:
         assert b["input_ids"].dtype == np.int32
@@ -351,7 +382,7 @@ def fake_tensorrt(calls: dict) -> types.ModuleType:
 def fake_gpu(monkeypatch):
     calls: dict = {}
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(calls))
-    monkeypatch.setattr(trt_engines, "availability", lambda: (True, ""))
+    monkeypatch.setattr(engines, "availability", lambda: (True, ""))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Fake GPU")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (8, 9))
     return calls
@@ -365,11 +396,11 @@ class OrtEngine:
     def __init__(self, engine_path):
         engine_path = Path(engine_path)
         assert engine_path.read_bytes() == b"serialized engine"
-        self.sess = trt_engines._ort_session(engine_path.with_suffix(".onnx"), optimize=False)
+        self.sess = graphs.reference_session(engine_path.with_suffix(".onnx"), optimize=False)
 
     def __call__(self, input_ids, attention_mask):
         feed = {"input_ids": input_ids, "attention_mask": attention_mask}
-        return trt_engines._ort_logits(self.sess, feed) + self.offset
+        return graphs.reference_logits(self.sess, feed) + self.offset
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
@@ -378,7 +409,7 @@ def test_build_engine_asks_tensorrt_for_the_documented_build(tmp_path, tiny_onnx
     cfg = TensorRT(**GPU_CFG, workspace_mb=256)
     calib = random_batches([(4, 16), (2, 9)]) if precision == "int8" else None
     engine = tmp_path / "engines" / f"{precision}.engine"
-    info = trt_engines.build_engine(tiny_onnx, engine, precision, cfg, 16, calib)
+    info = engines.build_engine(tiny_onnx, engine, precision, cfg, 16, calib)
 
     assert engine.read_bytes() == b"serialized engine" and info["bytes"] == 17
     assert not [p for p in engine.parent.iterdir() if p.name.startswith(".")]  # no temp files
@@ -396,7 +427,7 @@ def test_build_engine_asks_tensorrt_for_the_documented_build(tmp_path, tiny_onnx
     assert len(pinned) == 6 + 2  # 2 LayerNorms per block, embedding and final norms; 2 softmax
     assert all(layer.output_types == {0: "float32"} for layer in pinned)
 
-    sidecar = trt_engines.read_json(engine.with_name(engine.name + ".json"))
+    sidecar = read_json(engine.with_name(engine.name + ".json"))
     assert sidecar["precision"] == precision and sidecar["gpu"] == "Fake GPU"
     assert sidecar["tensorrt_version"] == "10.16.1.11" and sidecar["compute_capability"] == "8.9"
     assert sidecar["profiles"]["attention_mask"] == {"min": [1, 4], "opt": [2, 8], "max": [4, 16]}
@@ -406,11 +437,11 @@ def test_build_engine_asks_tensorrt_for_the_documented_build(tmp_path, tiny_onnx
 
 def test_export_engines_checks_parity_and_reports_each_precision(tmp_path, tiny_onnx, fake_gpu,
                                                                 monkeypatch):
-    monkeypatch.setattr(trt_engines, "TensorRTRunner", OrtEngine)
+    monkeypatch.setattr(engines, "TensorRTRunner", OrtEngine)
     params = params_with(tmp_path, **{"distill.max_length": 16,
                                       **{f"export.tensorrt.{k}": v for k, v in GPU_CFG.items()}})
     parity = [pad_batch([[2, 5, 6, 3]] * 3, 0), pad_batch([[2, 9, 3], [2] + [7] * 12 + [3]], 0)]
-    result = trt_engines.export_engines(params, tiny_onnx, tmp_path, parity)
+    result = export_engines(params, tiny_onnx, tmp_path, parity)
     assert result["status"] == "built" and result["gpu"] == "Fake GPU"
     for precision in ("fp16", "int8"):
         entry = result[precision]
@@ -421,15 +452,15 @@ def test_export_engines_checks_parity_and_reports_each_precision(tmp_path, tiny_
     assert result["int8"]["calibration"] == "parity batches"
 
     write_json(tmp_path / "metrics.json", {"tensorrt": result})
-    runners, reason = trt_engines.evaluate_runners(params, tmp_path)
+    runners, reason = evaluate_runners(params, tmp_path)
     assert reason is None
     assert [name for name, _, _ in runners] == ["student_trt_fp16", "student_trt_int8"]
     ids, mask = parity[0]
     assert runners[0][1](ids, mask).shape == (3, 3)
 
     monkeypatch.setattr(OrtEngine, "offset", 1.0)
-    with pytest.raises(trt_engines.TensorRTParityError, match=r"fp16 engine .* 1\.000e\+00"):
-        trt_engines.export_engines(params, tiny_onnx, tmp_path, parity)
+    with pytest.raises(engines.TensorRTParityError, match=r"fp16 engine .* 1\.000e\+00"):
+        export_engines(params, tiny_onnx, tmp_path, parity)
 
 
 # --------------------------------------------------------------------------- GPU
@@ -443,20 +474,20 @@ def test_engine_builds_and_matches_onnx_runtime(tmp_path, tiny_onnx, precision):
     cfg = TensorRT(**GPU_CFG, atol=5e-2)
     calib = random_batches([(4, 16), (4, 12), (2, 16)], seed=3) if precision == "int8" else None
     engine = tmp_path / f"{precision}.engine"
-    info = trt_engines.build_engine(tiny_onnx, engine, precision, cfg, 16, calib)
+    info = engines.build_engine(tiny_onnx, engine, precision, cfg, 16, calib)
     assert engine.is_file() and info["bytes"] > 0 and info["precision"] == precision
-    sidecar = trt_engines.read_json(engine.with_name(engine.name + ".json"))
+    sidecar = read_json(engine.with_name(engine.name + ".json"))
     assert sidecar["profiles"]["input_ids"] == {"min": [1, 4], "opt": [2, 8], "max": [4, 16]}
     assert sidecar["tensorrt_version"].startswith("10.") and sidecar["gpu"]
     assert any(layer.startswith("NORMALIZATION") for layer in sidecar["fp32_layers"])
 
-    runner = trt_engines.TensorRTRunner(engine)
-    fp32 = trt_engines._ort_session(tiny_onnx)
-    reference = fp32 if precision == "fp16" else trt_engines._ort_session(
+    runner = engines.TensorRTRunner(engine)
+    fp32 = graphs.reference_session(tiny_onnx)
+    reference = fp32 if precision == "fp16" else graphs.reference_session(
         engine.with_suffix(".onnx"), optimize=False)
     # batch 7 > max_batch (chunked), seq 3 < min_seq (padded), batch 1 < opt
     feeds = random_batches([(7, 16), (3, 3), (1, 9)], seed=4)
-    report = trt_engines.check_engine_parity(runner, reference, fp32, feeds, cfg.atol, precision)
+    report = engines.check_engine_parity(runner, reference, fp32, feeds, cfg.atol, precision)
     assert report["max_abs_error"] <= cfg.atol and report["batches"] == 3
     with pytest.raises(ValueError, match="exceeds the engine profile"):
         runner(np.ones((1, 17), np.int64), np.ones((1, 17), np.int64))
@@ -468,7 +499,7 @@ def test_export_engines_builds_every_precision(tmp_path, tiny_onnx):
     params = params_with(tmp_path, **{"distill.max_length": 16, "export.tensorrt.enabled": True,
                                       **{f"export.tensorrt.{k}": v for k, v in GPU_CFG.items()}})
     parity = [pad_batch([[2, 5, 6, 3]] * 3, 0), pad_batch([[2, 9, 3], [2] + [7] * 12 + [3]], 0)]
-    result = trt_engines.export_engines(params, tiny_onnx, tmp_path, parity)
+    result = export_engines(params, tiny_onnx, tmp_path, parity)
     assert result["status"] == "built"
     for precision in ("fp16", "int8"):
         entry = result[precision]

@@ -18,15 +18,18 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from components.artifacts import (
+    TOKENIZER_FILE,
+    load_label_names,
+    load_split,
+    load_teacher_outputs,
+    load_tokenizer,
+)
 from components.common import StageError, atomic_dir, stage_main, write_json
 from components.config import Params, layer_map_problem, teacher_layer_count
 from components.distill.losses import DistillationLoss, FeatureDistillationLoss
-from components.distill.student import Student, StudentConfig, save
-from components.prepare import load_label_names, load_split
-from components.teacher import load_outputs
+from components.models.student import Student, StudentConfig, save
 from components.textdata import EncodedDataset, TextDataModule, encode, pad_id
-from components.tokenizer import TOKENIZER_FILE
-from components.tokenizer import load as load_tokenizer
 from components.training import ClassifierModule, configure_torch, fit
 
 
@@ -66,16 +69,16 @@ def run(params: Params) -> dict:
     cfg = params.distill
     check_layer_map(params, teacher_layer_count(params.paths.teacher))
     configure_torch(params)
-    tok = load_tokenizer(params)
+    tok = load_tokenizer(params.paths)
     pad = pad_id(tok)
-    labels = load_label_names(params)
-    teacher = load_outputs(params)
+    labels = load_label_names(params.paths)
+    teacher = load_teacher_outputs(params.paths)
     data = {}
     # The cached outputs hold the embeddings + every layer: the same check, in case they
     # disagree with the teacher's config.json.
     check_layer_map(params, teacher["train_layers"].shape[1] - 1)
     for split in ("train", "validation"):
-        frame = load_split(params, split)
+        frame = load_split(params.paths, split)
         targets = {"teacher_logits": teacher[f"{split}_logits"]}
         if cfg.feature.pooled_weight or cfg.feature.hidden_weight:
             targets["teacher_layers"] = teacher[f"{split}_layers"]

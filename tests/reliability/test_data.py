@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from components import evaluate, prepare, teacher
+from components import artifacts, evaluate, prepare, teacher
 from components.common import StageError
 from components.config import validate
 from tests.conftest import make_examples, tiny_raw_params
@@ -103,7 +103,7 @@ def test_non_utf8_bytes_are_dropped_never_stored_as_mojibake(tmp_path, previous)
         expected = 1 if src is csv_src else 2
         assert report["dropped"]["not_utf8"] == expected, report["dropped"]
         assert report["rows_kept"] == len(GOOD)
-        texts = pd.concat(prepare.load_split(params, s) for s in prepare.SPLITS)["text"]
+        texts = pd.concat(artifacts.load_split(params.paths, s) for s in artifacts.SPLITS)["text"]
         assert not texts.str.contains("\ufffd").any()
     with pytest.raises(StageError, match=r"not_utf8: 1 \(e\.g\. .*d\.csv:"):
         prepare.run(params_for(tmp_path, csv_src, **{"prepare.on_bad_rows": "error"}))
@@ -158,7 +158,7 @@ def test_nan_null_and_invalid_labels_never_become_classes(tmp_path, previous):
     params = params_for(tmp_path / "jsonl", jsonl)
     report = prepare.run(params)
     assert dropped(report) == {"invalid_label": 1, "missing_label": 2}
-    assert prepare.load_label_names(params) == ["food", "sport", "tech"]
+    assert artifacts.load_label_names(params.paths) == ["food", "sport", "tech"]
     with pytest.raises(StageError, match=r"invalid_label: 1.*missing_label: 2"):
         prepare.run(params_for(tmp_path, jsonl, **{"prepare.on_bad_rows": "error"}))
     assert_untouched(previous)
@@ -182,7 +182,7 @@ def test_class_smaller_than_the_splits_is_dropped_and_reported_or_fails(tmp_path
     report = prepare.run(params)
     assert report["dropped"]["rare_class"] == 2
     assert report["dropped_classes"] == {"sprot": 2}
-    assert prepare.load_label_names(params) == ["food", "sport", "tech"]
+    assert artifacts.load_label_names(params.paths) == ["food", "sport", "tech"]
 
     with pytest.raises(StageError, match=r"fewer than 3 examples cannot be split .*'sprot': 2"):
         prepare.run(params_for(tmp_path, src, **{"prepare.on_bad_rows": "error"}))
@@ -201,7 +201,7 @@ def test_extremely_long_text_is_kept_whole_and_truncated_only_when_encoded(tmp_p
     report = prepare.run(params)
     assert report["rows_kept"] == len(GOOD) + 1 and dropped(report) == {}
     assert report["text_chars"]["max"] == len(long_text)
-    texts = pd.concat(prepare.load_split(params, s) for s in prepare.SPLITS)["text"]
+    texts = pd.concat(artifacts.load_split(params.paths, s) for s in artifacts.SPLITS)["text"]
     assert (texts == long_text).sum() == 1
     tok = train(GOOD["text"].tolist(), "wordpiece", vocab_size=60, min_frequency=1)
     assert len(encode(tok, [long_text], params.distill.max_length)[0]) == \
@@ -226,8 +226,8 @@ def test_split_label_outside_the_label_map_is_refused_by_later_stages(tmp_path, 
         assert "rerun prepare (dvc repro prepare)" in msg
 
     # Same ids but a label map in another order: names disagree, also refused.
-    test.loc[0, "label"] = (prepare.load_label_names(params).index(test.loc[0, "label_name"])
-                            + 1) % 3
+    names = artifacts.load_label_names(params.paths)
+    test.loc[0, "label"] = (names.index(test.loc[0, "label_name"]) + 1) % 3
     test.to_parquet(data / "test.parquet", index=False)
     with pytest.raises(StageError, match=r"row 0 has label \d named .* label_map.json calls"):
         evaluate.run(params)

@@ -43,13 +43,13 @@ def assert_up_to_date(status: str) -> None:
 def test_stage_dying_mid_write_leaves_lock_and_previous_outputs(repo):
     data = repo / "data/prepared"
     lock, before = (repo / "dvc.lock").read_bytes(), snapshot(data)
-    stage = repo / "components/prepare.py"
+    stage = repo / "components/artifacts.py"  # prepare writes its files through it
     original = stage.read_text()
-    write = 'part.to_parquet(out / f"{split}.parquet", index=False)'
+    write = 'frame.to_parquet(out / f"{split}.parquet", index=False)'
     assert write in original
     # Fault injection in this temp copy only: the process dies after train.parquet is written.
-    stage.write_text(original.replace(write, write + '\n            if split == "validation":'
-                                      '\n                raise MemoryError("injected fault")'))
+    stage.write_text(original.replace(write, write + '\n        if split == "validation":'
+                                      '\n            raise MemoryError("injected fault")'))
     try:
         proc = subprocess.run([*DVC, "repro", "prepare"], cwd=repo, env=dvc_env(),
                               capture_output=True, text=True)

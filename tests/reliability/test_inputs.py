@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components import prepare, tokenizer
+from components import artifacts, prepare, tokenizer
 from components.cli import main as still
 from components.common import StageError, atomic_dir
 from components.config import ParamsError, load_params, validate
@@ -379,7 +379,7 @@ def student(tmp_path):
     """A tiny saved student (config.json, model.safetensors, tokenizer.json)."""
     import torch
 
-    from components.distill.student import Student, StudentConfig, save
+    from components.models.student import Student, StudentConfig, save
 
     tok = tokenizer.train(GOOD["text"].tolist(), "wordpiece", vocab_size=80, min_frequency=1)
     torch.manual_seed(0)
@@ -388,7 +388,7 @@ def student(tmp_path):
     folder = tmp_path / "student"
     folder.mkdir()
     save(model.eval(), folder)
-    tok.save(str(folder / tokenizer.TOKENIZER_FILE))
+    tok.save(str(folder / artifacts.TOKENIZER_FILE))
     return folder
 
 

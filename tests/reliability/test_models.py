@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from components import evaluate, export, prepare, teacher
-from components import tensorrt as trt_engines
+from components.artifacts import TOKENIZER_FILE
 from components.common import StageError
 from components.config import validate
-from components.distill.student import Student, StudentConfig, save
-from components.tokenizer import TOKENIZER_FILE, train
+from components.models.student import Student, StudentConfig, save
+from components.tokenizer import train
+from components.trt import engines
 from tests.conftest import make_examples, tiny_raw_params
 from tests.reliability.conftest import leftovers, snapshot
 
@@ -139,7 +140,7 @@ def test_corrupt_teacher_checkpoint_names_the_folder(prepared, tiny_teacher, tmp
     assert "rerun the teacher stage (dvc repro -f teacher)" in msg
 
 
-@pytest.mark.skipif(trt_engines.availability()[0], reason="a GPU with TensorRT is present")
+@pytest.mark.skipif(engines.availability()[0], reason="a GPU with TensorRT is present")
 def test_tensorrt_required_without_a_gpu_fails_naming_the_fix(prepared, tmp_path):
     params, good = prepared
     raw = with_paths(params, student=good, export=tmp_path / "export").to_dict()
@@ -151,7 +152,7 @@ def test_tensorrt_required_without_a_gpu_fails_naming_the_fix(prepared, tmp_path
     with pytest.raises(StageError) as err:
         export.run(validate(raw))
     msg = str(err.value)
-    reason = trt_engines.availability()[1]
+    reason = engines.availability()[1]
     assert reason in msg
     assert "export.tensorrt.enabled: auto" in msg and "still[trt]" in msg
     assert snapshot(out) == before and leftovers(out) == []  # nothing half-written replaced it

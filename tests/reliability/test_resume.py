@@ -9,7 +9,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from components.distill.student import Student, StudentConfig
+from components.models.student import Student, StudentConfig
 from components.textdata import EncodedDataset, TextDataModule
 from components.training import (
     LAST_CHECKPOINT,

@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from components import prepare
+from components import artifacts, prepare
 from components.cli import main as still
 from components.common import StageError
 from components.config import ParamsError, Prepare, validate
@@ -45,7 +45,7 @@ def run(tmp_path: Path, source: Path | str, **extra) -> tuple[dict, object]:
 
 
 def all_rows(params) -> pd.DataFrame:
-    return pd.concat(prepare.load_split(params, s) for s in prepare.SPLITS)
+    return pd.concat(artifacts.load_split(params.paths, s) for s in artifacts.SPLITS)
 
 
 def dropped(report: dict) -> dict[str, int]:
@@ -145,7 +145,7 @@ def test_folder_source_never_leaves_its_root_nor_reads_hidden_files(tmp_path):
     for secret in ("system file", "from outside", "AWS_SECRET", "cached text", "[core]",
                    "not a class", "about this dataset"):
         assert secret not in texts
-    assert prepare.load_label_names(params) == ["food", "sport", "tech"]
+    assert artifacts.load_label_names(params.paths) == ["food", "sport", "tech"]
     assert report["skipped"] == {"broken_link": 1, "hidden": 4, "link_loop": 1,
                                  "not_a_file": 1, "not_in_a_class_folder": 1,
                                  "outside_source": 2, "private_folder": 2}
@@ -204,7 +204,7 @@ def test_spellings_of_one_class_merge_and_every_merge_is_reported(tmp_path):
     src = tmp_path / "d.csv"
     df.to_csv(src, index=False)
     report, params = run(tmp_path, src)
-    assert prepare.load_label_names(params) == ["1", "café", "spam"]
+    assert artifacts.load_label_names(params.paths) == ["1", "café", "spam"]
     assert report["label_merges"] == {"1": ["01", "1.0"], "café": [nfd],
                                       "spam": ["SPAM", "Spam "]}
     assert report["rows_kept"] == len(GOOD) and "conflicting_labels" not in dropped(report)
@@ -213,7 +213,7 @@ def test_spellings_of_one_class_merge_and_every_merge_is_reported(tmp_path):
     report, params = run(tmp_path / "off", src, **{"prepare.labels_casefold": False,
                                                    "prepare.labels_numeric": False})
     assert report["label_merges"] == {"Spam": ["Spam "], "café": [nfd]}
-    classes = set(prepare.load_label_names(params)) | set(report["dropped_classes"])
+    classes = set(artifacts.load_label_names(params.paths)) | set(report["dropped_classes"])
     assert classes == {"01", "1", "1.0", "SPAM", "Spam", "café", "spam"}
 
 
@@ -223,14 +223,14 @@ def test_numbers_from_typed_sources_merge_with_their_text(tmp_path):
     src = tmp_path / "d.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     report, params = run(tmp_path, src)
-    assert prepare.load_label_names(params) == ["1", "2"]
+    assert artifacts.load_label_names(params.paths) == ["1", "2"]
     assert report["label_merges"] == {"1": ["1.0"], "2": ["2.0", "2.00"]}
 
     parquet = tmp_path / "d.parquet"
     pd.DataFrame({"text": GOOD["text"], "label": pd.array([1, 2, None] * 8, dtype="Int64")}
                  ).to_parquet(parquet)
     report, params = run(tmp_path / "pq", parquet)
-    assert prepare.load_label_names(params) == ["1", "2"]  # not "1.0"/"2.0"
+    assert artifacts.load_label_names(params.paths) == ["1", "2"]  # not "1.0"/"2.0"
     assert report["dropped"]["missing_label"] == 8 and report["label_merges"] == {}
 
 
@@ -241,14 +241,14 @@ def test_a_class_named_none_is_a_class_only_empty_nan_null_are_missing(tmp_path)
     src = tmp_path / "d.csv"
     pd.concat([df, blanks]).to_csv(src, index=False)
     report, params = run(tmp_path, src)
-    assert prepare.load_label_names(params) == ["food", "n/a", "none"]
+    assert artifacts.load_label_names(params.paths) == ["food", "n/a", "none"]
     assert dropped(report) == {"missing_label": 4}
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text("\n".join(json.dumps({"text": t, "label": v}) for t, v in
                                zip(df["text"], df["label"], strict=True)) + "\n"
                      + '{"text": "null label", "label": null}\n')
     report, params = run(tmp_path / "jsonl", jsonl, **{"prepare.labels_casefold": False})
-    assert prepare.load_label_names(params) == ["N/A", "None", "food"]
+    assert artifacts.load_label_names(params.paths) == ["N/A", "None", "food"]
     assert dropped(report) == {"missing_label": 1}
 
 

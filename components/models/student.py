@@ -4,7 +4,7 @@ and every op exports to ONNX with dynamic batch and sequence axes.
 
 Token merging (optional, `merge_method` tome|pitome): in each merging layer, after attention
 and before the MLP (where ToMe merges), `r` tokens are merged into their most similar partners
-using the attention keys (`components.distill.merging`). Every slot carries a size (how many
+using the attention keys (`components.models.merging`). Every slot carries a size (how many
 input tokens it stands for): attention adds log(size) to its logits (proportional attention)
 and mean pooling weights by size. A merging model needs at least `min_tokens()` positions;
 callers pad short batches up to it (`textdata.pad_batch(..., min_length=...)`), and padded
@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from components.config import merge_min_tokens
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -54,10 +56,8 @@ class StudentConfig:
         return sorted(self.merge_layers) if self.merge_layers else list(range(self.layers))
 
     def min_tokens(self) -> int:
-        """Shortest input a merging model accepts: the last merging layer still needs r
-        mergeable tokens on each side of the bipartite split, plus the protected [CLS]."""
-        k = len(self.merging_layers())
-        return self.merge_r * (k + 1) + 2 if k else 1
+        """Shortest input this model accepts (`config.merge_min_tokens`)."""
+        return merge_min_tokens(self.merge_r, len(self.merging_layers()))
 
 
 class SelfAttention(nn.Module):
@@ -84,7 +84,7 @@ class Block(nn.Module):
         self.cfg = cfg
         self.r = cfg.merge_r if index in cfg.merging_layers() else 0
         if self.r and cfg.merge_method == "pitome":
-            from components.distill.merging import pitome_margin
+            from components.models.merging import pitome_margin
 
             self.margin = pitome_margin(index, cfg.layers, cfg.pitome_margin)
         else:
@@ -101,13 +101,13 @@ class Block(nn.Module):
         """x [B, N, D], mask [B, N] (1 real), sizes [B, N, 1] -> the same, N shrunk by r."""
         bias = ((1.0 - mask) * MASK_VALUE)[:, None, None, :]
         if self.cfg.proportional_attention and self.cfg.merging_layers():
-            from components.distill.merging import proportional_attention_bias
+            from components.models.merging import proportional_attention_bias
 
             bias = bias + proportional_attention_bias(sizes)
         attn, keys = self.attn(self.norm1(x), bias)
         x = x + self.drop(attn)
         if self.r:
-            from components.distill.merging import merge_tokens
+            from components.models.merging import merge_tokens
 
             x, sizes, mask = merge_tokens(
                 x, keys, sizes, mask, self.r, method=self.cfg.merge_method,

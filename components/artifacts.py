@@ -47,16 +47,11 @@ STUDENT_TOKENIZER = "tokenizer.json"
 TEACHER_FP32 = "teacher.onnx"
 TEACHER_INT8 = "teacher.int8.onnx"
 TEACHER_TOKENIZER = "teacher.tokenizer.json"
-EXPORT_METRICS = "metrics.json"
-# Every stage
-METRICS_FILE = "metrics.json"
+# Evaluation (machine-independent part; the timed results go to `paths.results`)
+QUALITY_FILE = "quality.json"
 
 
 # ------------------------------------------------------------------------ prepared data
-
-def split_file(paths: Paths, split: str) -> Path:
-    return Path(paths.data) / f"{split}.parquet"
-
 
 def write_prepared(out: Path, splits: dict[str, pd.DataFrame], label_names: list[str],
                    report: dict) -> None:

@@ -181,6 +181,40 @@ def remote_options(location: str, timeout_s: float) -> dict[str, Any]:
     return {}
 
 
+def remote_problem(where: str, err: BaseException, timeout_s: float,
+                   remote: bool = True) -> str | None:
+    """The message for a source that did not answer in time or could not be reached (`where`
+    names it), or None when `err` is something else. fsspec's HTTP filesystem reports a timeout
+    or a refused connection as FileNotFoundError with the real error as its cause: the whole
+    cause chain is looked at."""
+    chain = [err]
+    while chain[-1].__cause__ is not None and len(chain) < 10:
+        chain.append(chain[-1].__cause__)
+    timeout = next((e for e in chain if isinstance(e, TimeoutError)), None)
+    if timeout is not None:
+        return (f"{where}: no answer within prepare.timeout_s={timeout_s:g} s "
+                f"({describe(timeout)}); check the URL and the network, or raise "
+                "prepare.timeout_s")
+    unreachable = next((e for e in chain if _is_connection_error(e)), None)
+    if remote and unreachable is not None:
+        return (f"{where}: cannot fetch it ({describe(unreachable)}); check the URL and that "
+                "the server is up (a flaky network is retried by the pipeline flow)")
+    return None
+
+
+def _is_connection_error(err: BaseException) -> bool:
+    """A refused or dropped connection, or an HTTP error status other than 404."""
+    if isinstance(err, ConnectionError):
+        return True
+    try:
+        import aiohttp
+    except ImportError:
+        return False
+    if isinstance(err, aiohttp.ClientResponseError):
+        return err.status != 404
+    return isinstance(err, aiohttp.ClientError)
+
+
 # Why a file or folder under a source folder is not read (`walk_local`).
 SKIP_REASONS = {
     "hidden": "its name starts with '.', or it links to such an entry (dotfiles may hold "

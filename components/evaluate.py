@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 
 from components import cascade, report, tracking
 from components.artifacts import (
+    QUALITY_FILE,
     STUDENT_FP32,
     STUDENT_INT8,
     STUDENT_TOKENIZER,
@@ -418,15 +419,14 @@ def run_cascade(params: Params, systems: dict[str, System], test_logits: dict[st
             "chosen": chosen, "points": test_points, "validation_points": val_points}
 
 
-def cost_cascade(casc: dict, results: dict[str, dict], reference: str) -> dict:
+def cost_cascade(casc: dict, results: dict[str, dict], reference: str, batch_size: int) -> dict:
     """`casc` with measured costs: end-to-end ms per example at the deployment batch size."""
     s_ms = results[casc["student"]]["ms_per_example"]
     t_ms = results[casc["teacher"]]["ms_per_example"]
     out = {**casc, "points": cascade.costed(casc["points"], s_ms, t_ms),
            "validation_points": cascade.costed(casc["validation_points"], s_ms, t_ms),
-           "cost": "end-to-end ms per example at batch "
-                   f"{results[casc['student']].get('throughput_batch_size', '?')} (measured): "
-                   "student on every input + deferred fraction x teacher"}
+           "cost": f"end-to-end ms per example at batch {batch_size} (measured): student on "
+                   "every input + deferred fraction x teacher"}
     if casc["chosen"]:
         chosen = cascade.costed([casc["chosen"]], s_ms, t_ms)[0]
         chosen["speedup_vs_best_teacher"] = (results[reference]["ms_per_example"]
@@ -436,9 +436,6 @@ def cost_cascade(casc: dict, results: dict[str, dict], reference: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- run
-
-QUALITY_FILE = "quality.json"
-
 
 def run(params: Params) -> dict:
     """Measure every system; write the machine-independent results (`paths.evaluate`, a DVC
@@ -463,8 +460,7 @@ def run(params: Params) -> dict:
               "cascade": ({k: v for k, v in casc.items() if k != "validation_points"}
                           if casc else None)}
 
-    results = {name: {**qual[name], **timings[name],
-                      "throughput_batch_size": cfg.throughput_batch_size} for name in qual}
+    results = {name: {**qual[name], **timings[name]} for name in qual}
     reference = best_of(results, "teacher")
     headline = best_of(results, "student")
     ref_preds = logits[reference].argmax(-1)
@@ -491,7 +487,7 @@ def run(params: Params) -> dict:
               for name, r in results.items()]
     extra = []
     if casc:
-        casc = cost_cascade(casc, results, reference)
+        casc = cost_cascade(casc, results, reference, cfg.throughput_batch_size)
         chosen = casc["chosen"]
         metrics["cascade"] = {k: v for k, v in casc.items()
                               if k not in ("points", "validation_points")}

@@ -211,14 +211,14 @@ def calibration_batches(params: Params, tokenizer,
     full length (truncated to `distill.max_length`), padded to the profile's shortest length."""
     cfg = params.export.tensorrt
     texts = load_split(params.paths, "validation")["text"].tolist()
-    ids = encode(tokenizer, texts, params.distill.max_length)
+    ids = encode(tokenizer, texts[: cfg.calibration_batches * cfg.opt_batch],
+                 params.distill.max_length)
+    shortest = graphs.profile_shapes(cfg, params.distill.max_length,
+                                     min_length)[graphs.INPUT_NAMES[0]][0][1]
     out = []
     for start in range(0, len(ids), cfg.opt_batch):
-        if len(out) == cfg.calibration_batches:
-            break
         input_ids, mask = pad_batch(ids[start : start + cfg.opt_batch], pad_id(tokenizer))
-        profile = graphs.profile_shapes(cfg, params.distill.max_length, min_length)
-        seq = max(input_ids.shape[1], profile[graphs.INPUT_NAMES[0]][0][1])
+        seq = max(input_ids.shape[1], shortest)
         feed = {}
         for name, tensor, fill in zip(graphs.INPUT_NAMES, (input_ids, mask),
                                       (pad_id(tokenizer), 0), strict=True):

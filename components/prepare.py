@@ -61,6 +61,7 @@ from components.common import (
     atomic_dir,
     describe,
     remote_options,
+    remote_problem,
     resolve_location,
     stage_main,
     walk_local,
@@ -199,20 +200,9 @@ def _source_problem(written: str, resolved: str, fmt: str, cfg: Prepare,
     where = f"prepare.source={written!r}" + (f" ({resolved})" if resolved != written else "")
     why = describe(err)
     remote = "://" in resolved and not resolved.startswith("file://")
-    # fsspec's HTTP filesystem reports a timeout or a refused connection as FileNotFoundError
-    # with the real error as its cause: look at the whole chain.
-    chain = [err]
-    while chain[-1].__cause__ is not None and len(chain) < 10:
-        chain.append(chain[-1].__cause__)
-    timeout = next((e for e in chain if isinstance(e, TimeoutError)), None)
-    if timeout is not None:
-        return (f"{where}: no answer within prepare.timeout_s={cfg.timeout_s:g} s "
-                f"({describe(timeout)}); check the URL and the network, or raise "
-                "prepare.timeout_s")
-    unreachable = next((e for e in chain if _is_connection_error(e)), None)
-    if remote and unreachable is not None:
-        return (f"{where}: cannot fetch it ({describe(unreachable)}); check the URL and that "
-                "the server is up (a flaky network is retried by the pipeline flow)")
+    network = remote_problem(where, err, cfg.timeout_s, remote)
+    if network:
+        return network
     if isinstance(err, FileNotFoundError):
         hint = ("check the URL (the server answered: not found)" if remote else
                 "check the spelling; a relative path is read from the project folder")
@@ -229,19 +219,6 @@ def _source_problem(written: str, resolved: str, fmt: str, cfg: Prepare,
     kind = f"{compression}-compressed {fmt}" if compression else fmt
     return (f"{where}: cannot read it as {kind} ({why}); the file is damaged, truncated or not "
             "what its name says: fix it, or set prepare.format to its real format")
-
-
-def _is_connection_error(err: BaseException) -> bool:
-    """A refused or dropped connection, or an HTTP error status other than 404."""
-    if isinstance(err, ConnectionError):
-        return True
-    try:
-        import aiohttp
-    except ImportError:
-        return False
-    if isinstance(err, aiohttp.ClientResponseError):
-        return err.status != 404
-    return isinstance(err, aiohttp.ClientError)
 
 
 def _open(source: str, cfg: Prepare):

@@ -311,10 +311,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def experiments(repo: str | Path = ".", all_commits: bool = False) -> list[dict]:
+def experiments(repo: str | Path = ".", all_commits: bool = False,
+                wanted: str | None = None) -> list[dict]:
     """Workspace, HEAD (every commit with `all_commits`) and their DVC experiments, each with
-    its evaluate metrics and params, from `dvc exp show --json` (what `dvc exp show` shows)."""
-    wanted = metrics_file(repo)
+    its evaluate metrics (`wanted`, default `metrics_file(repo)`) and params, from
+    `dvc exp show --json` (what `dvc exp show` shows)."""
+    wanted = wanted or metrics_file(repo)
     cmd = [sys.executable, "-m", "dvc", "exp", "show", "--json"] + (["-A"] if all_commits else [])
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -360,9 +362,10 @@ def compare(rows: list[dict], system: str = "student_onnx") -> tuple[list[dict],
 def write_experiments_report(repo: str | Path, out_dir: str | Path,
                              system: str = "student_onnx", all_commits: bool = False) -> Path:
     """`still report`: experiments.md (table), experiments.json and experiments.png."""
-    rows = experiments(repo, all_commits=all_commits)
+    wanted = metrics_file(repo)
+    rows = experiments(repo, all_commits=all_commits, wanted=wanted)
     if not rows:
-        raise RuntimeError(f"no experiment in {repo} has {metrics_file(repo)} yet: run "
+        raise RuntimeError(f"no experiment in {repo} has {wanted} yet: run "
                            "`dvc repro` or `still sweep` first")
     table, differing = compare(rows, system)
     out = Path(out_dir)

@@ -32,7 +32,9 @@ from pathlib import Path, PurePosixPath
 from components.common import (
     StageError,
     atomic_write_bytes,
+    describe,
     remote_options,
+    remote_problem,
     resolve_location,
     stage_main,
     walk_local,
@@ -47,11 +49,11 @@ VERSION_KEYS = ("VersionId", "version_id", "generation", "ETag", "etag", "md5Has
 _CHUNK = 1 << 20
 
 
-def _sha256_file(path: Path) -> str:
+def _sha256(fh) -> str:
+    """sha256 of a binary stream, read in chunks (a large file never sits in memory)."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
+    while chunk := fh.read(_CHUNK):
+        h.update(chunk)
     return h.hexdigest()
 
 
@@ -81,7 +83,10 @@ def local_manifest(location: str) -> dict:
         raise StageError(f"prepare.source: {location} does not exist (a local path is read "
                          "relative to the project folder; check the spelling or use a URI)")
     files = local_files(root)
-    entries = [(name, _sha256_file(path)) for name, path in files]
+    entries = []
+    for name, path in files:
+        with open(path, "rb") as fh:
+            entries.append((name, _sha256(fh)))
     return {"files": len(entries), "bytes": sum(p.stat().st_size for _, p in files),
             "sha256": _digest(entries), "hashed": "content (sha256 of every file)"}
 
@@ -97,12 +102,13 @@ def remote_manifest(url: str, timeout_s: float) -> dict:
     try:
         fs, path = fsspec.core.url_to_fs(url, **remote_options(url, timeout_s))
         listing = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
-    except FileNotFoundError as err:
-        raise StageError(f"prepare.source: {url} does not exist ({err})") from err
-    except Exception as err:  # network, auth, timeouts: name the URL, keep the cause
-        raise StageError(f"prepare.source: cannot list {url}: {type(err).__name__}: "
-                         f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-                         ) from err
+    except Exception as err:  # timeouts, refused connections, auth, missing: name the URL
+        where = f"prepare.source: {url}"
+        message = remote_problem(where, err, timeout_s) or (
+            f"{where} does not exist; check the URL (the server answered: not found)"
+            if isinstance(err, FileNotFoundError) else
+            f"{where}: cannot list it ({describe(err)})")
+        raise StageError(message) from err
     base = PurePosixPath(path)
     entries, used, content_hashed = [], set(), 0
     for name, info in sorted(listing.items()):
@@ -114,11 +120,8 @@ def remote_manifest(url: str, timeout_s: float) -> dict:
         version, keys = _version_of(info)
         used.update(keys)
         if not version:  # nothing tells versions apart: read it once and hash it
-            h = hashlib.sha256()
             with fs.open(name, "rb") as fh:
-                while chunk := fh.read(_CHUNK):
-                    h.update(chunk)
-            version, content_hashed = f"sha256={h.hexdigest()}", content_hashed + 1
+                version, content_hashed = f"sha256={_sha256(fh)}", content_hashed + 1
         entries.append((rel, str(info.get("size")), version))
     if not entries:
         raise StageError(f"prepare.source: {url} holds no files")

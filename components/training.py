@@ -27,6 +27,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import nn
 
 from components import tracking
@@ -183,7 +184,13 @@ def params_hash(params: Params, stage: str, epochs: int, module: nn.Module | Non
 
 def resume_checkpoint(checkpoint_dir: Path, digest: str) -> Path | None:
     """`last.ckpt` of an interrupted run with the same params, else None after clearing the
-    folder (stale checkpoints from other params must never be resumed)."""
+    folder (stale checkpoints from other params must never be resumed).
+
+    Under a multi-process strategy every process calls this; only rank 0 clears the folder.
+    The other ranks make the same decision without touching it: launched by Lightning they
+    start after rank 0 has cleared it, and under torchrun/SLURM (all ranks at once) a second
+    rmtree/mkdir would race with rank 0's.
+    """
     last = checkpoint_dir / LAST_CHECKPOINT
     hash_file = checkpoint_dir / PARAMS_HASH_FILE
     why = "no last.ckpt"
@@ -195,6 +202,8 @@ def resume_checkpoint(checkpoint_dir: Path, digest: str) -> Path | None:
             why = f"{LAST_CHECKPOINT} cannot be loaded: {str(err).splitlines()[0][:200]}"
     elif last.is_file():
         why = "params changed"
+    if rank_zero_only.rank != 0:  # the launcher's RANK/LOCAL_RANK/SLURM_PROCID, read at import
+        return None
     if checkpoint_dir.exists():
         print(f"training: discarding checkpoints in {checkpoint_dir} ({why}), starting fresh")
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -249,23 +258,47 @@ def fit(module: ClassifierModule, data: pl.LightningDataModule, params: Params, 
     if resume is not None:
         print(f"{stage}: resuming from {resume} (a previous run with the same params stopped)")
     trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
+    if not trainer.is_global_zero:
+        # Multi-process strategies (ddp, ...) run the stage once per process; the others stop
+        # after training, rank 0 alone measures the best weights and writes the outputs.
+        raise SystemExit(0)
     if best.best_model_path:
         state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
         module.load_state_dict(state["state_dict"])
-    metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
+    metrics = _final_validator(trainer, params).validate(module, datamodule=data,
+                                                         verbose=False)[0]
     metrics["epochs_trained"] = trainer.current_epoch
-    _finish_wandb(trainer)
-    if not trainer.is_global_zero:
-        # Multi-process strategies (ddp, ...) run the stage once per process; only rank 0
-        # goes on to write the stage's outputs.
-        raise SystemExit(0)
+    _finish_wandb(trainer, metrics)
     return {k: float(v) for k, v in metrics.items()}
 
 
-def _finish_wandb(trainer: pl.Trainer) -> None:
+def _final_validator(trainer: pl.Trainer, params: Params) -> pl.Trainer:
+    """The trainer that measures the best weights: the training one on a single process.
+
+    Across processes, validation shards the set with a DistributedSampler, which pads the shards
+    to equal length by repeating examples (33 examples on 2 processes count one twice), so the
+    stage's metrics would depend on the world size. They come from rank 0 alone on one device
+    instead, over every validation example exactly once. The other ranks stop after training,
+    so rank 0 leaves the process group first: it is then an ordinary single process, which
+    Lightning does not mistake for a distributed run, and nothing can wait on a collective that
+    never comes.
+    """
+    if trainer.world_size == 1:
+        return trainer
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    t = params.trainer
+    return pl.Trainer(accelerator=t.accelerator, devices=1, num_nodes=1, precision=t.precision,
+                      deterministic=True, logger=False, enable_checkpointing=False,
+                      enable_model_summary=False, callbacks=[TQDMProgressBar(refresh_rate=10)],
+                      default_root_dir=trainer.default_root_dir)
+
+
+def _finish_wandb(trainer: pl.Trainer, metrics: dict) -> None:
+    """Close the W&B run with the last logged values and the best weights' `metrics`."""
     import wandb
 
     if trainer.logger is not None and wandb.run is not None:
-        wandb.run.summary.update(
-            {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        summary = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        wandb.run.summary.update({**summary, **{k: float(v) for k, v in metrics.items()}})
         wandb.finish()

@@ -11,10 +11,15 @@ readers take `Paths` (the `paths:` section of params), not all of the params.
   the models themselves are read by `components.models` (`teacher.load_saved`,
   `student.load`), which the stages that run them import;
 - export (`paths.export`): the deployable ONNX graphs of both sides, the student (`model.onnx`,
-  `model.int8.onnx`, its `tokenizer.json`) and the fine-tuned teacher (`teacher.onnx`,
-  `teacher.int8.onnx`, `teacher.tokenizer.json`), so that evaluate measures the teacher a user
-  would deploy instead of distilling (ONNX Runtime, FP32 and INT8), not only PyTorch eager;
-- evaluation (`paths.evaluate`): `quality.json`.
+  `model.int8.onnx`, its `tokenizer.json`, `preprocessing.json`) and the fine-tuned teacher
+  (`teacher.onnx`, `teacher.int8.onnx`, `teacher.tokenizer.json`,
+  `teacher.preprocessing.json`), so that evaluate measures the teacher a user would deploy
+  instead of distilling (ONNX Runtime, FP32 and INT8), not only PyTorch eager; the
+  preprocessing files say how text becomes each graph's inputs (`components.bundle`);
+- evaluation (`paths.evaluate`): `quality.json` (accuracy with intervals, size, FLOPs, cascade
+  policy: what predictions decide); its measured side in `paths.results` (`metrics.json`,
+  plots, report), git-tracked and outside dvc.lock;
+- source manifest (`paths.source_version`): what identifies the data's version.
 Every stage output also holds `params.json` (its stage's params) and most a `metrics.json`.
 """
 
@@ -47,8 +52,11 @@ STUDENT_TOKENIZER = "tokenizer.json"
 TEACHER_FP32 = "teacher.onnx"
 TEACHER_INT8 = "teacher.int8.onnx"
 TEACHER_TOKENIZER = "teacher.tokenizer.json"
+STUDENT_PREPROCESSING = "preprocessing.json"  # components.bundle.preprocessing()
+TEACHER_PREPROCESSING = "teacher.preprocessing.json"
 # Evaluation (machine-independent part; the timed results go to `paths.results`)
 QUALITY_FILE = "quality.json"
+RESULTS_FILE = "metrics.json"  # in `paths.results`: timings, ratios, best teacher, cascade cost
 
 
 # ------------------------------------------------------------------------ prepared data
@@ -140,3 +148,32 @@ def load_teacher_outputs(paths: Paths) -> dict[str, np.ndarray]:
                                                      "teacher)"), \
             np.load(path, allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
+
+
+# ------------------------------------------------------------------------ evaluation
+
+def load_quality(paths: Paths) -> dict:
+    """evaluate's timing-free results: per-system quality and the cascade policy."""
+    path = Path(paths.evaluate) / QUALITY_FILE
+    if not path.is_file():
+        raise StageError(f"{path} not found: run the evaluate stage first (dvc repro evaluate)")
+    data = read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("systems"), dict):
+        raise StageError(f"{path}: no per-system results; rerun dvc repro -f evaluate")
+    return data
+
+
+def load_results(paths: Paths) -> dict | None:
+    """evaluate's measured results (`paths.results/metrics.json`), or None when absent (a
+    fresh clone that has not run evaluate here, or results not committed)."""
+    path = Path(paths.results) / RESULTS_FILE
+    return read_json(path) if path.is_file() else None
+
+
+def load_prepare_report(paths: Paths) -> dict:
+    return read_json(Path(paths.data) / REPORT_FILE)
+
+
+def load_source_manifest(paths: Paths) -> dict | None:
+    path = Path(paths.source_version)
+    return read_json(path) if path.is_file() else None

@@ -9,6 +9,10 @@
     still serve [--repo .]                 serve the nightly + sweep deployments locally
     still report [--repo .] [--out reports] [--system student_onnx]
                                            one table + plot across DVC experiments
+    still predict --bundle DIR "text" ["text" ...] [--cascade]
+    still predict --bundle DIR --input FILE --output preds.jsonl [--cascade]
+                                           label + probability per text, from a shipped bundle
+    still triton --bundle DIR --out REPO   a Triton model repository for the bundle's student
 
 The pipeline order lives only in dvc.yaml: this CLI runs DVC (directly or through the Prefect
 flows), never the stage functions.
@@ -69,6 +73,52 @@ def teacher_problems(params: Params, root: Path) -> list[str]:
     return []
 
 
+def predict(args: argparse.Namespace) -> int:
+    import json
+
+    from components.bundle import load_bundle
+
+    if bool(args.texts) == bool(args.input):
+        raise StageError("give texts to classify, or --input FILE --output FILE (not both)")
+    if args.input and not args.output:
+        raise StageError("--input needs --output FILE (JSON lines, one per usable row)")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise StageError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    bundle = load_bundle(args.bundle, threads=args.threads)
+    if args.texts:
+        for answer in bundle.predict(args.texts, cascade=args.cascade,
+                                     batch_size=args.batch_size):
+            print(json.dumps(answer))
+        return 0
+    from components.predict import predict_file
+
+    summary = predict_file(bundle, args.input, args.output, cascade=args.cascade,
+                           text_column=args.text_column, fmt=args.format,
+                           on_bad_rows=args.on_bad_rows, batch_size=args.batch_size)
+    line = (f"still predict: {summary['predicted']} texts -> {summary['output']} in "
+            f"{summary['seconds']:.1f} s ({summary['texts_per_s'] or 0:.1f} texts/s)")
+    if args.cascade:
+        line += f", {100 * summary['deferred_fraction']:.1f}% answered by the teacher"
+    print(line, file=sys.stderr)
+    if summary["left_out"]:
+        from components.rows import Rows, describe_drops
+
+        tally = Rows(dropped=summary["left_out"], examples=summary["left_out_examples"])
+        print(f"still predict: rows left out: {describe_drops(tally)}", file=sys.stderr)
+    return 0
+
+
+def triton(args: argparse.Namespace) -> int:
+    from components.bundle import load_bundle
+    from components.predict import write_triton
+
+    folder = write_triton(load_bundle(args.bundle), args.out, args.name, args.model,
+                          args.max_batch_size)
+    print(f"still triton: {folder} (config.pbtxt, 1/model.onnx, labels.txt); serve with "
+          f"`tritonserver --model-repository {Path(args.out)}`")
+    return 0
+
+
 FLOW_COMMANDS = {"run": "flows.pipeline", "sweep": "flows.sweep", "serve": "flows.deploy"}
 
 
@@ -100,8 +150,37 @@ def main(argv: list[str] | None = None) -> int:
                      help="evaluated system to compare (default: student_onnx)")
     rep.add_argument("--all-commits", action="store_true",
                      help="every commit and its experiments, not only HEAD's (dvc exp show -A)")
+    pred = sub.add_parser("predict", help="classify texts with a bundle (dvc repro ships one)")
+    pred.add_argument("texts", nargs="*", help="texts to classify (or --input FILE)")
+    pred.add_argument("--bundle", default="artifacts/bundle",
+                      help="bundle folder (default: artifacts/bundle, paths.bundle)")
+    pred.add_argument("--input", help="csv/tsv/jsonl/parquet file or fsspec URI of texts")
+    pred.add_argument("--output", help="JSON lines out, one per usable input row (with --input)")
+    pred.add_argument("--cascade", action="store_true",
+                      help="student first, the teacher below the validation-chosen threshold")
+    pred.add_argument("--text-column", default="text")
+    pred.add_argument("--format", default="auto", choices=["auto", "csv", "tsv", "jsonl",
+                                                           "parquet"])
+    pred.add_argument("--on-bad-rows", default="skip", choices=["skip", "error"],
+                      help="skip (count and name them, default) or error (stop)")
+    pred.add_argument("--batch-size", type=int, default=None,
+                      help="default: the batch size evaluate measured (bundle.json)")
+    pred.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: all)")
+    tri = sub.add_parser("triton", help="write a Triton model repository for a bundle")
+    tri.add_argument("--bundle", default="artifacts/bundle")
+    tri.add_argument("--out", required=True, help="model repository folder")
+    tri.add_argument("--name", default="still_student")
+    tri.add_argument("--model", default=None,
+                     help="student_onnx or student_onnx_int8 (default: the bundle's)")
+    tri.add_argument("--max-batch-size", type=int, default=None)
     args = parser.parse_args(argv)
 
+    if args.command in ("predict", "triton"):
+        try:
+            return (predict(args) if args.command == "predict" else triton(args))
+        except StageError as err:
+            print(f"still {args.command}: {err}", file=sys.stderr)
+            return 2
     if args.command == "report":
         from components.report import write_experiments_report
 

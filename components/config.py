@@ -88,6 +88,7 @@ class Paths(_Section):
     export: str
     evaluate: str
     results: str
+    bundle: str
     wandb: str
 
 
@@ -337,6 +338,14 @@ class Evaluate(_Section):
     cascade: Cascade = Cascade()
 
 
+class Ship(_Section):
+    # The student `still predict` runs by default (both ONNX graphs ship either way).
+    model: Literal["student_onnx", "student_onnx_int8"] = "student_onnx_int8"
+    # Ship the validation-chosen cascade policy and the teacher graph it defers to, when
+    # evaluate chose one with ONNX systems on both sides (otherwise the student alone ships).
+    cascade: bool = True
+
+
 class Params(_Section):
     seed: int = Field(42, ge=0, lt=2**32)  # numpy's seeds are unsigned 32-bit
     paths: Paths
@@ -348,6 +357,20 @@ class Params(_Section):
     distill: Distill
     export: Export = Export()
     evaluate: Evaluate = Evaluate()
+    ship: Ship = Ship()
+
+    @model_validator(mode="after")
+    def _shipped_systems_exist(self) -> Params:
+        problems = []
+        if self.ship.model.endswith("_int8") and not self.export.int8:
+            problems.append(f"ship.model: {self.ship.model} needs export.int8: true (got "
+                            "false); set it, or ship student_onnx")
+        # ship.cascade with no cascade to ship (evaluate.cascade off, a PyTorch or TensorRT
+        # system in it, no threshold reaching the target) is not an error: the bundle ships
+        # the student alone and its card and the stage say why.
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _cascade_systems_are_exported(self) -> Params:
@@ -380,6 +403,8 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "distill": ("seed", "trainer", "distill"),
     "export": ("export", "distill.max_length", "teacher.max_length"),
     "evaluate": ("seed", "evaluate", "teacher.max_length", "distill.max_length"),
+    "ship": ("ship", "evaluate.cascade", "evaluate.throughput_batch_size", "prepare.source",
+             "teacher.model", "teacher.max_length", "distill"),
 }
 
 

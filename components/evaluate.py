@@ -44,7 +44,6 @@ Run: `python -m components.evaluate` (or `dvc repro evaluate`).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import platform
@@ -61,6 +60,7 @@ from tqdm.auto import tqdm
 from components import cascade, report, tracking
 from components.artifacts import (
     QUALITY_FILE,
+    RESULTS_FILE,
     STUDENT_FP32,
     STUDENT_INT8,
     STUDENT_TOKENIZER,
@@ -361,14 +361,13 @@ def plot(points: list[dict], path: Path) -> None:
         ax.errorbar(p["throughput_per_s"], p["accuracy"], yerr=report.ci_yerr(p), fmt="o",
                     capsize=3,
                     color="tab:red" if p.get("side") == "teacher" else "tab:blue")
-        ax.annotate(p["system"], (p["throughput_per_s"], p["accuracy"]),
-                    textcoords="offset points", xytext=(6, 4), fontsize=9)
     ax.set_xscale("log")
     ax.set_xlabel("end-to-end throughput (examples/s, log scale)")
     ax.set_ylabel("test accuracy (95% bootstrap interval)")
     ax.set_title("Accuracy vs throughput (red: teacher runtimes)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    report.place_labels(ax, [report.label_point(p, "throughput_per_s") for p in points], 9)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -532,22 +531,16 @@ def run(params: Params) -> dict:
                          results[teacher]["ms_per_example"], results[teacher]["accuracy"],
                          teacher, out / report.CASCADE_PNG)
             images.insert(1, out / report.CASCADE_PNG)
-        write_json(out / "metrics.json", metrics)
+        write_json(out / RESULTS_FILE, metrics)
         md = report.markdown(metrics)
         (out / report.REPORT_MD).write_text(md)
         report.html_report(md, images, out / report.REPORT_HTML)
         write_json(out / "environment.json", environment(params))
     results_dir = Path(params.paths.results)
-    try:  # the outputs are committed; a tracking failure must not lose them
+    with tracking.best_effort("evaluate", f"the results are in {results_dir} (`dvc repro -f "
+                                          "evaluate` logs them again)"):
         log_to_wandb(params, metrics, points, casc, results_dir,
                      [results_dir / image.name for image in images])
-    except Exception as err:  # noqa: BLE001 - tracking is best effort by design
-        with contextlib.suppress(Exception):
-            import wandb
-
-            wandb.finish(exit_code=1)
-        print(f"evaluate: warning: W&B logging failed ({type(err).__name__}: {err}); the "
-              f"results are in {results_dir} (`dvc repro -f evaluate` logs them again)")
     return metrics
 
 
@@ -569,7 +562,7 @@ def _flat(prefix: str, d: dict) -> dict:
 
 def log_to_wandb(params: Params, metrics: dict, points: list[dict], casc: dict | None,
                  out: Path, images: list[Path]) -> None:
-    """Tables, charts, summary numbers, the report files and the model files (as artifacts)."""
+    """Tables, charts, summary numbers and the report files (as an artifact)."""
     import wandb
 
     run = tracking.start_run(params, "evaluate")
@@ -614,7 +607,7 @@ def _digest(folder: Path) -> str:
 
 
 def _log_artifacts(run, params: Params, out: Path, metrics: dict) -> None:
-    """Model files and report files as W&B artifacts, with lineage to the data and tokenizer.
+    """The report files as a W&B artifact, with lineage to the data and tokenizer.
 
     Online, the data and tokenizer folders are `use_artifact` inputs of this run (W&B draws the
     graph). W&B refuses `use_artifact` offline, so there the inputs' content digests go into
@@ -629,19 +622,7 @@ def _log_artifacts(run, params: Params, out: Path, metrics: dict) -> None:
             art = wandb.Artifact(name, type=kind, metadata={"sha256": inputs[name]})
             art.add_dir(str(folder))
             run.use_artifact(art)
-    best = metrics["best_student"]["system"]
-    model = wandb.Artifact("student", type="model", metadata={
-        "inputs_sha256": inputs, "best_system": best,
-        "accuracy": {n: r["accuracy"] for n, r in metrics["systems"].items()},
-        "accuracy_ci": {n: r["accuracy_ci"] for n, r in metrics["systems"].items()}})
-    student_dir, export_dir = Path(params.paths.student), Path(params.paths.export)
-    for f in (student_io.WEIGHTS_FILE, "config.json", STUDENT_TOKENIZER):
-        if (student_dir / f).is_file():
-            model.add_file(str(student_dir / f), name=f"pytorch/{f}")
-    for f in (STUDENT_FP32, STUDENT_INT8):  # the teacher's graphs are the baseline, not this
-        if (export_dir / f).is_file():
-            model.add_file(str(export_dir / f), name=f"onnx/{f}")
-    run.log_artifact(model, aliases=["latest", best])
+    # The model itself is the ship stage's bundle, logged there as the `student` artifact.
     evaluation = wandb.Artifact("evaluation", type="report",
                                 metadata={"inputs_sha256": inputs,
                                           "tensorrt": metrics.get("tensorrt")})

@@ -45,12 +45,15 @@ import torch
 from components.artifacts import (
     STUDENT_FP32,
     STUDENT_INT8,
+    STUDENT_PREPROCESSING,
     STUDENT_TOKENIZER,
     TEACHER_FP32,
     TEACHER_INT8,
+    TEACHER_PREPROCESSING,
     TEACHER_TOKENIZER,
     load_split,
 )
+from components.bundle import INPUTS, OUTPUTS, preprocessing
 from components.common import (
     StageError,
     atomic_dir,
@@ -62,7 +65,7 @@ from components.common import (
 from components.config import Params
 from components.models import student as student_io
 from components.models.teacher import load_saved
-from components.runtimes import INPUTS, OUTPUTS, TextEncoder, ort_session
+from components.runtimes import TextEncoder, ort_session
 from components.textdata import batches, encode, pad_batch, pad_id
 from components.trt import engines, graphs
 
@@ -325,6 +328,8 @@ def run(params: Params) -> dict:
         metrics["tensorrt"] = export_engines(
             params, out / STUDENT_FP32, out, data, tokenizer, sc.min_tokens())
         shutil.copyfile(student_dir / STUDENT_TOKENIZER, out / STUDENT_TOKENIZER)
+        write_json(out / STUDENT_PREPROCESSING, preprocessing(
+            tokenizer.to_str(), encoder.pad, params.distill.max_length, sc.min_tokens()))
         if cfg.teacher:
             teacher, hf_tok = load_saved(params.paths.teacher, attn_implementation="eager")
             t_tok = hf_tok.backend_tokenizer
@@ -334,6 +339,8 @@ def run(params: Params) -> dict:
                 teacher, t_data, out, TEACHER_FP32, TEACHER_INT8 if cfg.int8 else None, cfg,
                 tc.num_attention_heads, tc.hidden_size)
             t_tok.save(str(out / TEACHER_TOKENIZER))
+            write_json(out / TEACHER_PREPROCESSING, preprocessing(
+                t_tok.to_str(), pad_id(t_tok), params.teacher.max_length))
         write_json(out / "metrics.json", metrics)
     line = f"export: student ONNX parity max abs error {metrics['fp32']['max_abs_error']:.2e}"
     if cfg.int8:

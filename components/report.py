@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,78 @@ def ci_yerr(point: dict) -> list[list[float]] | None:
     return [[point["accuracy"] - ci[0]], [ci[1] - point["accuracy"]]] if ci else None
 
 
+def place_labels(ax, points: list[dict], fontsize: float = 8) -> None:
+    """Label each point (`x`, `y`, `text`, optional `ylo`/`yhi` error bar) where its label
+    overlaps no other label, marker or error bar and stays inside the axes; a label pushed away
+    from its point gets a thin leader line. Call once the axes' limits and layout are final
+    (after `tight_layout`): placement is done in display pixels.
+
+    Greedy: for each point, the first free spot among candidates at growing distance around it
+    (right, left, above, below and the diagonals); when none is free, the least overlapping.
+    """
+    import math
+
+    from matplotlib.transforms import Bbox
+
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    px_per_pt = fig.dpi / 72.0
+    frame = ax.get_window_extent(renderer)
+    to_px = ax.transData.transform
+    obstacles = []
+    for p in points:
+        cx, cy = to_px((p["x"], p["y"]))
+        r = 4 * px_per_pt
+        obstacles.append(Bbox.from_extents(cx - r, cy - r, cx + r, cy + r))
+        if p.get("ylo") is not None and p.get("yhi") is not None:
+            lo, hi = to_px((p["x"], p["ylo"]))[1], to_px((p["x"], p["yhi"]))[1]
+            obstacles.append(Bbox.from_extents(cx - 4 * px_per_pt, lo, cx + 4 * px_per_pt, hi))
+
+    def overlap(a: Bbox, b: Bbox) -> float:
+        w = min(a.x1, b.x1) - max(a.x0, b.x0)
+        h = min(a.y1, b.y1) - max(a.y0, b.y0)
+        return w * h if w > 0 and h > 0 else 0.0
+
+    angles = (30, -30, 150, -150, 90, -90, 0, 180, 60, -60, 120, -120)
+    for p in points:
+        cx, cy = to_px((p["x"], p["y"]))
+        probe = ax.text(0, 0, p["text"], fontsize=fontsize)
+        size = probe.get_window_extent(renderer)
+        probe.remove()
+        best = None
+        for radius in (6, 12, 20, 30, 42, 56):
+            for angle in angles:
+                dx = radius * math.cos(math.radians(angle))
+                dy = radius * math.sin(math.radians(angle))
+                x0 = cx + dx * px_per_pt - (size.width if dx < -1e-9 else 0.0)
+                y0 = cy + dy * px_per_pt - (size.height if dy < -1e-9 else 0.0)
+                box = Bbox.from_bounds(x0, y0, size.width, size.height)
+                cost = sum(overlap(box, o) for o in obstacles)
+                inside = overlap(box, frame)
+                cost += size.width * size.height - inside  # outside the axes
+                if best is None or cost < best[0]:
+                    best = (cost, dx, dy, box, radius)
+                if cost == 0:
+                    break
+            if best[0] == 0:
+                break
+        _, dx, dy, box, radius = best
+        ax.annotate(p["text"], (p["x"], p["y"]), xytext=(dx, dy), textcoords="offset points",
+                    fontsize=fontsize, ha="right" if dx < -1e-9 else "left",
+                    va="top" if dy < -1e-9 else "bottom", zorder=4,
+                    arrowprops=(dict(arrowstyle="-", color="0.55", lw=0.6,
+                                     shrinkA=0, shrinkB=3) if radius > 6 else None))
+        obstacles.append(box)
+
+
+def label_point(point: dict, x: str) -> dict:
+    """`place_labels`' view of a system point: its name at (x, accuracy) with its interval."""
+    ci = point.get("accuracy_ci") or (None, None)
+    return {"x": point[x], "y": point["accuracy"], "text": point["system"],
+            "ylo": ci[0], "yhi": ci[1]}
+
+
 def plot_pareto(points: list[dict], path: Path, extra: list[dict] | None = None) -> dict:
     """Accuracy vs throughput, vs size and vs end-to-end ms per example (with cascade points in
     `extra`), each point with its 95% accuracy interval, the front drawn in each panel. Returns
@@ -76,8 +149,6 @@ def plot_pareto(points: list[dict], path: Path, extra: list[dict] | None = None)
             ax.errorbar(p[key], p["accuracy"], yerr=ci_yerr(p), capsize=3, ms=7 if on else 5,
                         fmt="D" if p["system"].startswith("cascade") else "o",
                         color="tab:red" if on else "tab:blue", zorder=3)
-            ax.annotate(p["system"], (p[key], p["accuracy"]), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8)
         line = sorted((p for p in pts if p["system"] in front), key=lambda p: p[key])
         ax.plot([p[key] for p in line], [p["accuracy"] for p in line], color="tab:red",
                 lw=1, ls="--", label="Pareto front")
@@ -89,6 +160,8 @@ def plot_pareto(points: list[dict], path: Path, extra: list[dict] | None = None)
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle("Accuracy vs cost; red: not dominated by any other system (point estimates)")
     fig.tight_layout()
+    for ax, (key, _, _, pts) in zip(axes, panels, strict=True):
+        place_labels(ax, [label_point(p, key) for p in pts])
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return fronts
@@ -279,16 +352,64 @@ def markdown(metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+_PAGE_STYLE = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1180px;margin:2em auto;
+  padding:0 1em;color:#1f2328;line-height:1.5}
+h1,h2{border-bottom:1px solid #d8dee4;padding-bottom:.25em}
+table{border-collapse:collapse;margin:1em 0;font-size:.92em;display:block;overflow-x:auto}
+th,td{border:1px solid #d0d7de;padding:.35em .7em;text-align:left;white-space:nowrap}
+th{background:#f6f8fa;white-space:normal}tr:nth-child(even) td{background:#fbfcfd}
+code{background:#f3f4f6;padding:.1em .3em;border-radius:4px;font-size:.9em}
+pre{background:#f6f8fa;padding:.8em 1em;border-radius:6px;overflow-x:auto}
+pre code{background:none;padding:0}
+img{max-width:100%}figure{margin:1.5em 0}figcaption{color:#57606a;font-size:.9em}
+"""
+
+
+def strip_front_matter(md: str) -> str:
+    """Markdown without a leading YAML front-matter block (a model card's metadata)."""
+    if md.startswith("---\n"):
+        end = md.find("\n---\n", 4)
+        if end != -1:
+            return md[end + 5:].lstrip("\n")
+    return md
+
+
+def render_markdown(md: str) -> str:
+    """HTML of CommonMark + GitHub tables (markdown-it-py), raw HTML in the text escaped."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": False}).enable("table").render(
+        strip_front_matter(md))
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def html_page(md: str, path: Path, title: str, images: list[Path] = ()) -> None:
+    """A self-contained HTML page of Markdown `md`: real tables and headings, every PNG the
+    text links next to `path` inlined, then `images` as captioned figures."""
+    body = render_markdown(md)
+
+    def inline(match: re.Match) -> str:
+        target = path.parent / html.unescape(match.group(1))
+        return f'src="{_data_uri(target)}"' if target.is_file() else match.group(0)
+
+    body = re.sub(r'src="([^":]+\.png)"', inline, body)
+    figures = [f"<figure><img src='{_data_uri(image)}' alt='{html.escape(image.stem)}'>"
+               f"<figcaption>{html.escape(image.name)}</figcaption></figure>"
+               for image in images]
+    page = ["<!doctype html>", "<html lang='en'><head><meta charset='utf-8'>",
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+            f"<title>{html.escape(title)}</title><style>{_PAGE_STYLE}</style></head><body>",
+            body, *figures, "</body></html>"]
+    path.write_text("\n".join(page) + "\n")
+
+
 def html_report(md: str, images: list[Path], path: Path) -> None:
-    """A self-contained HTML page: the Markdown text (pre-formatted) and the PNGs inlined."""
-    parts = ["<!doctype html><meta charset='utf-8'><title>still evaluation</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
-             "pre{white-space:pre-wrap}img{max-width:100%}</style>",
-             f"<pre>{html.escape(md)}</pre>"]
-    for image in images:
-        data = base64.b64encode(image.read_bytes()).decode()
-        parts.append(f"<h3>{html.escape(image.name)}</h3><img src='data:image/png;base64,{data}'>")
-    path.write_text("\n".join(parts) + "\n")
+    """evaluate's report page: the Markdown report rendered, the plots inlined."""
+    html_page(md, path, "still evaluation", images)
 
 
 # ------------------------------------------------------------------ across DVC experiments
@@ -384,13 +505,13 @@ def write_experiments_report(repo: str | Path, out_dir: str | Path,
     pts = [r for r in table if r["accuracy"] is not None and r["throughput_per_s"]]
     for r in pts:
         ax.scatter(r["throughput_per_s"], r["accuracy"], s=40)
-        ax.annotate(r["experiment"], (r["throughput_per_s"], r["accuracy"]),
-                    textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel(f"{system} throughput (examples/s)")
     ax.set_ylabel(f"{system} test accuracy")
     ax.set_title("DVC experiments")
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    place_labels(ax, [{"x": r["throughput_per_s"], "y": r["accuracy"], "text": r["experiment"]}
+                      for r in pts])
     fig.savefig(out / "experiments.png", dpi=110)
     plt.close(fig)
     return out / "experiments.md"

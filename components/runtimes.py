@@ -16,11 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from components.bundle import OUTPUTS  # the graphs' interface, defined torch-free
 from components.common import StageError
 from components.textdata import configured, pad_batch, pad_id
-
-INPUTS = ("input_ids", "attention_mask")
-OUTPUTS = ("logits",)
 
 Runner = Callable[[torch.Tensor, torch.Tensor], np.ndarray]
 

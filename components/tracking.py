@@ -10,7 +10,9 @@ never reads it, so it cannot end up in a config.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +53,18 @@ def lightning_logger(params: Params, stage: str):
     kwargs = init_kwargs(params, stage)
     kwargs["save_dir"] = kwargs.pop("dir")  # WandbLogger's name for wandb.init's `dir`
     return WandbLogger(name=stage, **kwargs)
+
+
+@contextlib.contextmanager
+def best_effort(stage: str, kept: str) -> Iterator[None]:
+    """Log to W&B after a stage's outputs are written: a tracking failure (no network, a full
+    disk, a W&B bug) ends the run as failed and becomes one warning saying where the outputs
+    are (`kept`), never a failed stage that loses them."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - tracking is best effort by design
+        with contextlib.suppress(Exception):
+            import wandb
+
+            wandb.finish(exit_code=1)
+        print(f"{stage}: warning: W&B logging failed ({type(err).__name__}: {err}); {kept}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import networkx as nx
@@ -73,3 +74,61 @@ def has_remote(repo: str | Path) -> bool:
 
 def stage_ran(output: str, stage: str) -> bool:
     return f"Running stage '{stage}'" in output
+
+
+# --------------------------------------------------------------------------- results to git
+# A run in a container (Kubernetes Job, Docker pool) loses its workspace when it ends: `dvc push`
+# saves the data, and these save what points at it (dvc.lock, or the experiment ref) in the git
+# remote, on a branch per run, so nobody's branch is rewritten by a scheduled job.
+RUN_BRANCH_PREFIX = "still-runs/"
+GIT_REMOTE = "origin"
+# What a run changes in git besides the caller's paths (e.g. params' git-tracked results): the
+# lock, and the .gitignore files DVC keeps next to outputs.
+RUN_PATHS = ["dvc.lock", ":(glob)**/.gitignore"]
+
+
+def git_remote_url(repo: str | Path, remote: str = GIT_REMOTE) -> str:
+    try:
+        return git(["remote", "get-url", remote], repo).strip()
+    except DvcError:
+        raise DvcError(f"no git remote {remote!r} in {repo}: the run's dvc.lock and experiments "
+                       "would stay in this workspace") from None
+
+
+def commit_run(repo: str | Path, message: str, paths: Sequence[str] = ()) -> bool:
+    """Commit what the run changed in RUN_PATHS and `paths`; False when nothing changed."""
+    status = git(["status", "--porcelain=v1", "-z", "--untracked-files=all", "--",
+                  *RUN_PATHS, *paths], repo)
+    # Entries are "XY <path>"; the run only adds, modifies or deletes (no renames).
+    changed = [entry[3:] for entry in status.split("\0") if entry]
+    if not changed:
+        return False
+    git(["add", "-A", "--", *changed], repo)
+    # A pod or a fresh worker has no git identity; name the committer rather than fail.
+    identity = [] if _git_config(repo, "user.email") else \
+        ["-c", "user.name=still", "-c", "user.email=still@localhost"]
+    git([*identity, "commit", "-q", "-m", message], repo)
+    return True
+
+
+def push_run(repo: str | Path, run_id: str, experiment: str | None = None,
+             paths: Sequence[str] = (), remote: str = GIT_REMOTE) -> str:
+    """Push the run's results to the git remote; return what was pushed. With an experiment,
+    `dvc exp push` (its data went with `dvc push` already); otherwise HEAD, with dvc.lock and
+    `paths` committed, to the new branch `still-runs/<run_id>`. Safe to retry: the commit
+    happens once and pushing the same commit again is a no-op (no --force: a branch is never
+    rewritten)."""
+    git_remote_url(repo, remote)
+    if experiment:
+        run(["exp", "push", "--no-cache", "--force", remote, experiment], repo,
+            what=f"dvc exp push {remote} {experiment}")
+        return f"experiment {experiment}"
+    commit_run(repo, f"still run {run_id}: dvc.lock and results", paths)
+    branch = f"{RUN_BRANCH_PREFIX}{run_id}"
+    git(["push", "--quiet", remote, f"HEAD:refs/heads/{branch}"], repo)
+    return f"branch {branch}"
+
+
+def _git_config(repo: str | Path, key: str) -> str:
+    proc = subprocess.run(["git", "config", key], cwd=repo, capture_output=True, text=True)
+    return proc.stdout.strip()

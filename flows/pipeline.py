@@ -7,7 +7,8 @@ what is up to date, updates dvc.lock and fills its cache. With overrides, the fl
 overrides into params.yaml, reproduce, and save the workspace as a named DVC experiment.
 
 Optional `dvc pull` before and `dvc push` after (with retries) when a DVC remote is configured.
-Publishes a Markdown artifact (metrics table, plot paths) and a table artifact per run.
+Publishes a Markdown artifact (metrics table, plot paths, the shipped bundle and its model card)
+and a table artifact per run.
 
     python -m flows.pipeline --set distill.layers=2     (or: still run --set ...)
 """
@@ -36,6 +37,7 @@ def pipeline(
     experiment_name: str | None = None,
     pull: bool = False,
     push: bool = False,
+    git_push: bool = False,
 ) -> dict[str, Any]:
     """Reproduce the DVC pipeline in `repo` with optional param overrides."""
     logger = get_run_logger()
@@ -45,6 +47,9 @@ def pipeline(
     remote = (pull or push) and dvc.has_remote(repo)
     if (pull or push) and not remote:
         logger.warning("no DVC remote configured: skipping pull/push")
+    if git_push and not (push and remote):  # fail before hours of stages, not after
+        raise ValueError("git_push needs push=True and a DVC remote: the pushed dvc.lock would "
+                         "point at data that only this workspace holds")
     if pull and remote:
         tasks.pull(repo)
     if overrides:
@@ -58,6 +63,8 @@ def pipeline(
         tasks.save_experiment(repo, name)
     if push and remote:
         tasks.push(repo)
+    if git_push:
+        tasks.git_push(repo, name)
 
     metrics = tasks.read_metrics(repo)
     publish(repo, stages, metrics, overrides)
@@ -82,10 +89,17 @@ def publish(repo: str, stages: list[dict], metrics: dict, overrides: dict) -> No
             if report.is_file() else
             ["## Systems on the test split", markdown_table(systems),
              "## Ratios", markdown_table([metrics["ratios"]])])
+    bundle = Path(repo) / params.paths.bundle
+    shipped = (
+        [f"## Bundle\n\n`{bundle}`: model card [`README.md`]({(bundle / 'README.md').as_uri()}) "
+         f"([page]({(bundle / 'card.html').as_uri()})), manifest `bundle.json`. Predict with "
+         f"`still predict --bundle {bundle} \"some text\"`"]
+        if (bundle / "bundle.json").is_file() else [])
     markdown = "\n\n".join([
         f"# still pipeline: {flow_run.get_name()}",
         f"**Overrides:** `{overrides or 'none'}`  \n**Stages run:** {ran}",
         *body,
+        *shipped,
         "## Stages", markdown_table(stages),
         f"Plots: `{evaluate_dir}` (accuracy_vs_throughput, cascade, pareto, confusion PNGs; "
         f"report.html), `dvc plots show` in `{repo}`; metrics: "

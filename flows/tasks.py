@@ -87,6 +87,26 @@ def push(repo: str) -> None:
     dvc.run(["push"], repo)
 
 
+@task(name="git-push", retries=REMOTE_RETRIES, retry_delay_seconds=BACKOFF, cache_policy=NO_CACHE)
+def git_push(repo: str, experiment: str | None = None) -> str:
+    """After `dvc push`: the experiment (`dvc exp push`) or dvc.lock and the git-tracked results
+    (paths.results), committed, to the git remote on branch `still-runs/<flow run name>-<id>`,
+    so a run whose workspace is thrown away (a Kubernetes Job) still leaves its results where a
+    clone + `dvc pull` finds them."""
+    from prefect.runtime import flow_run
+
+    from components.config import load_params
+
+    # The measured results are git-tracked (not DVC outputs): they go with the lock.
+    results = Path(repo, load_params(Path(repo) / "params.yaml").paths.results).resolve()
+    paths = [str(results.relative_to(Path(repo).resolve()))] \
+        if results.is_relative_to(Path(repo).resolve()) else []
+    run_id = f"{flow_run.get_name()}-{str(flow_run.get_id())[:8]}"
+    pushed = dvc.push_run(repo, run_id, experiment, paths)
+    get_run_logger().info("pushed %s to git remote %s", pushed, dvc.GIT_REMOTE)
+    return pushed
+
+
 @task(name="dvc-exp-save", cache_policy=NO_CACHE)
 def save_experiment(repo: str, name: str) -> str:
     """Record the workspace as a DVC experiment (`dvc exp run` == `repro` + `exp save`)."""

@@ -180,19 +180,21 @@ def tiny_params(tmp_path, dataset_csv, tiny_teacher):
 @pytest.fixture(scope="session")
 def trained_pipeline(tmp_path_factory, dataset_csv, tiny_teacher):
     """Run every stage in process once on tiny params; tests read the outputs."""
-    from components import evaluate, export, prepare, teacher, tokenizer
+    from components import evaluate, export, prepare, ship, source, teacher, tokenizer
     from components.distill import train as distill
 
     workdir = tmp_path_factory.mktemp("pipeline")
     params = validate(tiny_raw_params(workdir, dataset_csv, tiny_teacher))
     results = {}
     for name, stage in [
+        ("source", source),
         ("prepare", prepare),
         ("tokenizer", tokenizer),
         ("teacher", teacher),
         ("distill", distill),
         ("export", export),
         ("evaluate", evaluate),
+        ("ship", ship),
     ]:
         results[name] = stage.run(params)
     return params, results

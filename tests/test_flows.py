@@ -75,11 +75,13 @@ def test_pipeline_flow_one_task_per_stage_then_cache_hit(prefect_server, repo):
     md = artifact(ARTIFACT_KEY).data
     assert "student_onnx_int8" in md and "accuracy_vs_throughput" in md
     assert "## Cascade" in md and "Pareto fronts" in md and "Per-class F1" in md
+    assert "## Bundle" in md and "card.html" in md and "still predict --bundle" in md
     assert artifact(f"{ARTIFACT_KEY}-systems").type == "table"
 
     again = pipeline(repo=str(repo))
-    # Only `source` runs again: it re-pins the data version on every run (always_changed).
-    assert [s["ran"] for s in again["stages"]] == [s == "source" for s in STAGES]
+    # Only `source` (it re-pins the data version) and `ship` (the bundle records the run's
+    # commit and timings) run again: both are always_changed.
+    assert [s["ran"] for s in again["stages"]] == [s in ("source", "ship") for s in STAGES]
     assert "dvc.lock" in sh(["git", "status", "--short"], repo)
     sh(["git", "add", "dvc.lock"], repo)
     sh(["git", "commit", "-qm", "lock"], repo)

@@ -17,7 +17,7 @@ from tests.conftest import make_dvc_repo, make_examples, sh
 
 pytestmark = pytest.mark.slow
 DVC = [sys.executable, "-m", "dvc"]
-STAGES = ["source", "prepare", "tokenizer", "teacher", "distill", "export", "evaluate"]
+STAGES = ["source", "prepare", "tokenizer", "teacher", "distill", "export", "evaluate", "ship"]
 
 
 def stages_run(output: str) -> list[str]:
@@ -73,11 +73,13 @@ def test_repro_reproduces_in_a_clean_clone_and_reruns_only_what_changed(repo, tm
     diff = subprocess.run(["git", "diff", "--exit-code", "--", "dvc.lock"], cwd=clone,
                           capture_output=True, text=True)
     assert diff.returncode == 0, f"dvc.lock differs in a clean clone:\n{diff.stdout[-3000:]}"
-    # ... while its measured timings are its own (kept out of dvc.lock on purpose).
+    # ... while its measured timings are its own (kept out of dvc.lock on purpose), and so is
+    # its bundle (the run's commit and timings: not a DVC output either).
     assert (clone / "results/metrics.json").is_file()
+    assert (clone / "artifacts/bundle/bundle.json").is_file()
 
-    # Nothing changed: the data is re-pinned (always) and nothing else runs.
-    assert stages_run(sh([*DVC, "repro"], repo)) == ["source"]
+    # Nothing changed: the data is re-pinned and the bundle rebuilt (both always), nothing else.
+    assert stages_run(sh([*DVC, "repro"], repo)) == ["source", "ship"]
 
     # One byte of the data file changes, in a column prepare does not read: prepare reruns,
     # its output is the same, so nothing downstream does.
@@ -85,11 +87,12 @@ def test_repro_reproduces_in_a_clean_clone_and_reruns_only_what_changed(repo, tm
     text = data.read_text()
     data.write_text(text.replace("\n7,", "\n8,", 1))
     before = lock_outs(repo)
-    assert stages_run(sh([*DVC, "repro"], repo)) == ["source", "prepare"]
+    assert stages_run(sh([*DVC, "repro"], repo)) == ["source", "prepare", "ship"]
     after = lock_outs(repo)
     assert after["source"] != before["source"] and after["prepare"] == before["prepare"]
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["distill"]["temperature"] = 3.0
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert stages_run(sh([*DVC, "repro"], repo)) == ["source", "distill", "export", "evaluate"]
+    assert stages_run(sh([*DVC, "repro"], repo)) == ["source", "distill", "export", "evaluate",
+                                                     "ship"]

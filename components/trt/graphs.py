@@ -31,13 +31,14 @@ from typing import Any
 
 import numpy as np
 
+from components.bundle import INPUTS, OUTPUTS
 from components.common import StageError
 from components.config import TensorRT
 
 ENGINE_DIR = "tensorrt"
 PRECISIONS = ("fp16", "int8")
-INPUT_NAMES = ("input_ids", "attention_mask")
-OUTPUT_NAME = "logits"
+INPUT_NAMES = INPUTS  # the graphs' interface (components.bundle)
+OUTPUT_NAME = OUTPUTS[0]
 
 Shape = tuple[int, int]
 

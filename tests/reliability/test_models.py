@@ -26,7 +26,8 @@ def prepared(tmp_path_factory, dataset_csv, tiny_teacher):
     """Prepared data and a tiny saved student (weights + its tokenizer), built once."""
     work = tmp_path_factory.mktemp("models")
     params = validate(tiny_raw_params(work, dataset_csv, tiny_teacher, **{
-        "export.int8": False, "evaluate.cascade.enabled": False}))
+        "export.int8": False, "evaluate.cascade.enabled": False,
+        "ship.model": "student_onnx"}))
     prepare.run(params)
     tok = train(make_examples(per_class=20)["text"].tolist(), "wordpiece", vocab_size=80,
                 min_frequency=1)

@@ -1,0 +1,157 @@
+"""Using a bundle from the command line: predictions for a file, and a Triton model repository.
+
+`predict_file` reads a csv/tsv/jsonl/parquet file (any fsspec URI) with the same readers and
+the same row checks as prepare (`components.rows`): a malformed record, undecodable bytes, a
+missing or empty text is counted by reason with its location and left out (or stops the run
+with `on_bad_rows="error"`); every other row gets one JSON line in `output`, with its origin
+("file:line"), in input order. The output appears only when complete (written to a temporary
+file, then renamed).
+
+`write_triton` lays out a Triton Inference Server model repository for the bundle's student:
+`<out>/<name>/config.pbtxt` (ONNX Runtime backend, dynamic batch and sequence axes, dynamic
+batching, the label file for Triton's classification extension) and `<out>/<name>/1/model.onnx`.
+Tokenisation stays with the client (`student/tokenizer.json` + `preprocessing.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from components.bundle import LABELS, MODEL_FILES, Bundle, BundleError
+from components.common import StageError, resolve_location
+from components.rows import (
+    Reader,
+    describe_drops,
+    detect_format,
+    load_rows,
+    reading_source,
+    text_problem,
+)
+
+# The row problems prepare also counts (components.rows); any of them with on_bad_rows=error
+# stops the run.
+BAD_ROWS = ("malformed", "not_utf8", "missing_field", "missing_text", "empty_text")
+
+
+def read_texts(source: str, reader: Reader) -> tuple[list[str], list[str], Any]:
+    """Usable texts with their origins, and the tally of the rows left out (`rows.Rows`)."""
+    resolved = resolve_location(source)
+    fmt = reader.format
+    with reading_source(source, resolved, fmt, reader):
+        fmt = detect_format(resolved, reader)
+        if fmt in ("folder", "hf"):
+            raise StageError(f"--input={source!r}: a {fmt} source is for training data; "
+                             "predict reads a csv, tsv, jsonl or parquet file")
+    with reading_source(source, resolved, fmt, reader):
+        rows = load_rows(resolved, fmt, reader)
+    texts, origins = [], []
+    for text, origin in zip(rows.texts, rows.origins, strict=True):
+        problem = text_problem(text, 1)
+        if problem:
+            rows.drop(problem, origin)
+        else:
+            texts.append(text)
+            origins.append(origin)
+    return texts, origins, rows
+
+
+def predict_file(bundle: Bundle, source: str, output: str | Path, cascade: bool = False,
+                 text_column: str = "text", fmt: str = "auto", on_bad_rows: str = "skip",
+                 batch_size: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Predict every usable row of `source` into `output` (JSON lines); returns a summary."""
+    from tqdm.auto import tqdm
+
+    reader = Reader("--input", fmt, text_column, None, 60.0, option="--{}")
+    texts, origins, rows = read_texts(source, reader)
+    bad = {r: n for r, n in rows.dropped.items() if r in BAD_ROWS}
+    if on_bad_rows == "error" and bad:
+        raise StageError(f"--input={source!r}: bad rows with --on-bad-rows error: "
+                         f"{describe_drops(rows)}. Fix the file, or use --on-bad-rows skip "
+                         "to leave them out (they are counted and named)")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    bs = batch_size or bundle.batch_size
+    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.tmp-")
+    deferred, start = 0, time.perf_counter()
+    try:
+        with os.fdopen(fd, "w") as fh, tqdm(total=len(texts), unit="text", desc="predict",
+                                            disable=not progress) as bar:
+            for i in range(0, len(texts), bs):
+                answers = bundle.predict(texts[i : i + bs], cascade=cascade, batch_size=bs)
+                for origin, answer in zip(origins[i : i + bs], answers, strict=True):
+                    fh.write(json.dumps({"origin": origin, **answer}) + "\n")
+                    deferred += answer.get("answered_by") == "teacher"
+                bar.update(len(answers))
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    seconds = time.perf_counter() - start
+    summary = {"predicted": len(texts), "left_out": dict(sorted(rows.dropped.items())),
+               "left_out_examples": dict(sorted(rows.examples.items())),
+               "seconds": seconds, "texts_per_s": len(texts) / seconds if seconds else None,
+               "output": str(output)}
+    if cascade:
+        summary["deferred_fraction"] = deferred / len(texts) if texts else 0.0
+    return summary
+
+
+# ------------------------------------------------------------------------------ Triton
+
+def triton_config(name: str, labels: int, max_batch_size: int,
+                  label_file: str = "labels.txt") -> str:
+    """config.pbtxt (protobuf text format of Triton's ModelConfig) for a still ONNX student."""
+    preferred = sorted({b for b in (max(1, max_batch_size // 4), max_batch_size) if b >= 1})
+    inputs = "\n".join(
+        f'  {{\n    name: "{n}"\n    data_type: TYPE_INT64\n    dims: [ -1 ]\n  }}'
+        + ("," if i == 0 else "") for i, n in enumerate(("input_ids", "attention_mask")))
+    return (f'name: "{name}"\nbackend: "onnxruntime"\nmax_batch_size: {max_batch_size}\n'
+            f"input [\n{inputs}\n]\n"
+            f'output [\n  {{\n    name: "logits"\n    data_type: TYPE_FP32\n'
+            f'    dims: [ {labels} ]\n    label_filename: "{label_file}"\n  }}\n]\n'
+            f"dynamic_batching {{\n  preferred_batch_size: [ {', '.join(map(str, preferred))} ]"
+            f"\n  max_queue_delay_microseconds: 2000\n}}\n"
+            "instance_group [\n  {\n    kind: KIND_CPU\n    count: 1\n  }\n]\n")
+
+
+def write_triton(bundle: Bundle, out: str | Path, name: str = "still_student",
+                 model: str | None = None, max_batch_size: int | None = None) -> Path:
+    """A Triton model repository for one student graph of `bundle`; returns the model folder.
+    An existing model folder of that name is replaced whole, only once the new one is
+    complete."""
+    model = model or bundle.model_name
+    if model not in MODEL_FILES or not model.startswith("student"):
+        raise BundleError(f"--model {model!r}: pick one of the bundle's student graphs "
+                          f"({', '.join(m for m in bundle.manifest['models'] if 'student' in m)})")
+    src = bundle.folder / MODEL_FILES[model]
+    if not src.is_file():
+        raise BundleError(f"{src}: not in this bundle")
+    out = Path(out)
+    final = out / name
+    if final.exists() and not (final / "config.pbtxt").is_file():
+        raise BundleError(f"{final} exists and is not a Triton model folder (no config.pbtxt); "
+                          "refusing to replace it: pick another --out or --name")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}.tmp-"))
+    try:
+        (tmp / "1").mkdir()
+        shutil.copyfile(src, tmp / "1" / "model.onnx")
+        (tmp / "labels.txt").write_text("\n".join(bundle.labels) + "\n")
+        (tmp / "config.pbtxt").write_text(triton_config(
+            name, len(bundle.labels), max_batch_size or bundle.batch_size))
+        for side in ("tokenizer.json", "preprocessing.json"):  # what the client needs
+            shutil.copyfile(bundle.folder / "student" / side, tmp / side)
+        shutil.copyfile(bundle.folder / LABELS, tmp / LABELS)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

@@ -42,7 +42,8 @@ import numpy as np
 from scipy.special import softmax as scipy_softmax
 
 from components import cascade
-from components.common import StageError
+from components.common import StageError, read_json
+from components.graphio import INPUTS, OUTPUTS, configured, pad_arrays, session_options
 
 FORMAT = "still-bundle/1"
 MANIFEST = "bundle.json"
@@ -60,8 +61,6 @@ MODEL_FILES = {
     "teacher_onnx": "teacher/model.onnx",
     "teacher_onnx_int8": "teacher/model.int8.onnx",
 }
-INPUTS = ("input_ids", "attention_mask")
-OUTPUTS = ("logits",)
 
 
 class BundleError(StageError):
@@ -132,13 +131,6 @@ def verify(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BundleError(f"{path}: cannot read it ({err})") from None
-
-
 def softmax(logits: np.ndarray) -> np.ndarray:
     return scipy_softmax(np.asarray(logits, dtype=np.float64), axis=-1)
 
@@ -189,17 +181,10 @@ class Graph:
         from tokenizers import Tokenizer
 
         sub = folder / model.split("/")[0]
-        pre = _read_json(sub / PREPROCESSING)
-        tok = Tokenizer.from_file(str(sub / TOKENIZER))
-        tok.no_padding()
-        tok.enable_truncation(int(pre["max_length"]))
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
+        pre = read_json(sub / PREPROCESSING)
+        tok = configured(Tokenizer.from_file(str(sub / TOKENIZER)), int(pre["max_length"]))
         try:
-            session = ort.InferenceSession(str(folder / model), opts,
+            session = ort.InferenceSession(str(folder / model), session_options(threads),
                                            providers=["CPUExecutionProvider"])
         except Exception as err:  # ORT has its own exception types for bad graphs
             raise BundleError(f"{folder / model}: ONNX Runtime cannot load it ({err})") from None
@@ -207,13 +192,7 @@ class Graph:
 
     def inputs(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         ids = [e.ids for e in self.tokenizer.encode_batch(list(texts))]
-        length = max(self.min_length, max(len(x) for x in ids))
-        input_ids = np.full((len(ids), length), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(ids), length), dtype=np.int64)
-        for i, x in enumerate(ids):
-            input_ids[i, : len(x)] = x
-            mask[i, : len(x)] = 1
-        return {"input_ids": input_ids, "attention_mask": mask}
+        return dict(zip(INPUTS, pad_arrays(ids, self.pad_id, self.min_length), strict=True))
 
     def logits(self, texts: Sequence[str]) -> np.ndarray:
         return self.session.run(list(OUTPUTS), self.inputs(texts))[0]
@@ -226,10 +205,10 @@ class Bundle:
         self.folder = Path(folder)
         self.manifest = manifest
         self.threads = threads
-        self.labels: list[str] = _read_json(self.folder / LABELS)["labels"]
+        self.labels: list[str] = read_json(self.folder / LABELS)["labels"]
         self.batch_size = int(manifest.get("batch_size", 32))
         self.model_name: str = manifest["model"]
-        self.policy: dict[str, Any] | None = (_read_json(self.folder / CASCADE)
+        self.policy: dict[str, Any] | None = (read_json(self.folder / CASCADE)
                                               if manifest.get("cascade") else None)
         self._graphs: dict[str, Graph] = {}
 
@@ -304,5 +283,5 @@ def load_bundle(folder: str | Path, threads: int = 0, verify_files: bool = True)
         verify_files: check sha256 of every file (seconds for hundreds of MB); leave on
             unless the bundle was verified already.
     """
-    manifest = verify(folder) if verify_files else _read_json(Path(folder) / MANIFEST)
+    manifest = verify(folder) if verify_files else read_json(Path(folder) / MANIFEST)
     return Bundle(folder, manifest, threads)

@@ -101,10 +101,7 @@ def predict(args: argparse.Namespace) -> int:
         line += f", {100 * summary['deferred_fraction']:.1f}% answered by the teacher"
     print(line, file=sys.stderr)
     if summary["left_out"]:
-        from components.rows import Rows, describe_drops
-
-        tally = Rows(dropped=summary["left_out"], examples=summary["left_out_examples"])
-        print(f"still predict: rows left out: {describe_drops(tally)}", file=sys.stderr)
+        print(f"still predict: rows left out: {summary['left_out_described']}", file=sys.stderr)
     return 0
 
 

@@ -53,7 +53,7 @@ from components.artifacts import (
     TEACHER_TOKENIZER,
     load_split,
 )
-from components.bundle import INPUTS, OUTPUTS, preprocessing
+from components.bundle import preprocessing
 from components.common import (
     StageError,
     atomic_dir,
@@ -63,6 +63,7 @@ from components.common import (
     write_json,
 )
 from components.config import Params
+from components.graphio import INPUTS, OUTPUTS
 from components.models import student as student_io
 from components.models.teacher import load_saved
 from components.runtimes import TextEncoder, ort_session

@@ -24,15 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from components.bundle import LABELS, MODEL_FILES, Bundle, BundleError
-from components.common import StageError, resolve_location
-from components.rows import (
-    Reader,
-    describe_drops,
-    detect_format,
-    load_rows,
-    reading_source,
-    text_problem,
-)
+from components.common import StageError, atomic_dir
+from components.rows import Reader, describe_drops, read_source, text_problem
 
 # The row problems prepare also counts (components.rows); any of them with on_bad_rows=error
 # stops the run.
@@ -41,15 +34,7 @@ BAD_ROWS = ("malformed", "not_utf8", "missing_field", "missing_text", "empty_tex
 
 def read_texts(source: str, reader: Reader) -> tuple[list[str], list[str], Any]:
     """Usable texts with their origins, and the tally of the rows left out (`rows.Rows`)."""
-    resolved = resolve_location(source)
-    fmt = reader.format
-    with reading_source(source, resolved, fmt, reader):
-        fmt = detect_format(resolved, reader)
-        if fmt in ("folder", "hf"):
-            raise StageError(f"--input={source!r}: a {fmt} source is for training data; "
-                             "predict reads a csv, tsv, jsonl or parquet file")
-    with reading_source(source, resolved, fmt, reader):
-        rows = load_rows(resolved, fmt, reader)
+    _, _, rows = read_source(source, reader, ("csv", "tsv", "jsonl", "parquet"))
     texts, origins = [], []
     for text, origin in zip(rows.texts, rows.origins, strict=True):
         problem = text_problem(text, 1)
@@ -95,6 +80,7 @@ def predict_file(bundle: Bundle, source: str, output: str | Path, cascade: bool 
     seconds = time.perf_counter() - start
     summary = {"predicted": len(texts), "left_out": dict(sorted(rows.dropped.items())),
                "left_out_examples": dict(sorted(rows.examples.items())),
+               "left_out_described": describe_drops(rows),
                "seconds": seconds, "texts_per_s": len(texts) / seconds if seconds else None,
                "output": str(output)}
     if cascade:
@@ -137,9 +123,7 @@ def write_triton(bundle: Bundle, out: str | Path, name: str = "still_student",
     if final.exists() and not (final / "config.pbtxt").is_file():
         raise BundleError(f"{final} exists and is not a Triton model folder (no config.pbtxt); "
                           "refusing to replace it: pick another --out or --name")
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}.tmp-"))
-    try:
+    with atomic_dir(final) as tmp:
         (tmp / "1").mkdir()
         shutil.copyfile(src, tmp / "1" / "model.onnx")
         (tmp / "labels.txt").write_text("\n".join(bundle.labels) + "\n")
@@ -148,10 +132,4 @@ def write_triton(bundle: Bundle, out: str | Path, name: str = "still_student",
         for side in ("tokenizer.json", "preprocessing.json"):  # what the client needs
             shutil.copyfile(bundle.folder / "student" / side, tmp / side)
         shutil.copyfile(bundle.folder / LABELS, tmp / LABELS)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final

@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 
 from components.artifacts import SPLITS, write_prepared
-from components.common import StageError, atomic_dir, resolve_location, stage_main
+from components.common import StageError, atomic_dir, stage_main
 from components.config import Params, Prepare
 from components.rows import (
     FOLDER_SKIP_REASONS,
@@ -56,9 +56,7 @@ from components.rows import (
     Rows,
     clean_unicode,
     describe_drops,
-    detect_format,
-    load_rows,
-    reading_source,
+    read_source,
     text_problem,
 )
 
@@ -208,14 +206,9 @@ def stratified_split(
 
 def run(params: Params) -> dict:
     cfg = params.prepare
-    source = resolve_location(cfg.source)
-    fmt = cfg.format
     reader = Reader("prepare.source", cfg.format, cfg.text_column, cfg.label_column,
                     cfg.timeout_s, cfg.hf_split)
-    with reading_source(cfg.source, source, fmt, reader):
-        fmt = detect_format(source, reader)
-    with reading_source(cfg.source, source, fmt, reader):
-        rows = load_rows(source, fmt, reader)
+    source, fmt, rows = read_source(cfg.source, reader)
     df, tally = clean(rows, cfg)
     # report.json is hashed by DVC and read downstream: locations in it name the source as
     # params.yaml does (`pkg:...`), not where this machine installed it.

@@ -27,6 +27,7 @@ from components.common import (
     describe,
     remote_options,
     remote_problem,
+    resolve_location,
     walk_local,
 )
 
@@ -140,6 +141,21 @@ def detect_format(source: str, cfg: Reader) -> str:
         f"{cfg.setting}={source!r}: cannot tell the format from the name; set "
         f"{cfg.name('format')} to one of csv, tsv, jsonl, parquet, folder, hf"
     )
+
+
+def read_source(written: str, cfg: Reader,
+                formats: tuple[str, ...] | None = None) -> tuple[str, str, Rows]:
+    """Resolve the source as the user wrote it (`pkg:` included), detect its format and load
+    its rows; any failure is one StageError naming the source (`reading_source`). Returns the
+    resolved location, the format and the rows. `formats`: the formats the caller accepts."""
+    resolved = resolve_location(written)
+    with reading_source(written, resolved, cfg.format, cfg):
+        fmt = detect_format(resolved, cfg)
+    if formats and fmt not in formats:
+        raise StageError(f"{cfg.setting}={written!r} is a {fmt} source; this reads a "
+                         f"{', '.join(formats)} file")
+    with reading_source(written, resolved, fmt, cfg):
+        return resolved, fmt, load_rows(resolved, fmt, cfg)
 
 
 def load_rows(source: str, fmt: str, cfg: Reader) -> Rows:

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components.bundle import OUTPUTS  # the graphs' interface, defined torch-free
 from components.common import StageError
+from components.graphio import OUTPUTS, session_options
 from components.textdata import configured, pad_batch, pad_id
 
 Runner = Callable[[torch.Tensor, torch.Tensor], np.ndarray]
@@ -41,14 +41,9 @@ def ort_session(path: str | Path, threads: int = 0):
     path = Path(path)
     if not path.is_file():
         raise StageError(f"{path} not found: run the export stage (dvc repro export)")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # warnings about unused initialisers are not the user's problem
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), session_options(threads),
+                                    providers=["CPUExecutionProvider"])
     except Exception as err:  # ORT raises its own exception types for bad models
         raise StageError(f"{path} cannot be loaded by ONNX Runtime ({err}); rerun the export "
                          "stage (dvc repro -f export)") from None

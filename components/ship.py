@@ -334,10 +334,9 @@ def run(params: Params) -> dict:
     if missing:
         raise StageError(f"{export_dir}: {', '.join(missing)} not found: run the export stage "
                          "(dvc repro export)")
-    git = git_state()
+    git, data_version = git_state(), load_source_manifest(params.paths)
     card = model_card(params, quality, results, speed_note, policy, cascade_note, labels,
-                      load_prepare_report(params.paths), load_source_manifest(params.paths),
-                      git)
+                      load_prepare_report(params.paths), data_version, git)
 
     with atomic_dir(params.paths.bundle) as out:
         for system in sorted(systems):
@@ -360,8 +359,8 @@ def run(params: Params) -> dict:
             "format": FORMAT, "name": "still-student", "model": model,
             "models": {s: MODEL_FILES[s] for s in sorted(systems)},
             "labels": len(labels), "batch_size": params.evaluate.throughput_batch_size,
-            "cascade": policy is not None, "git": git, "data": load_source_manifest(
-                params.paths), "params": redact(params.to_dict()), "files": files}
+            "cascade": policy is not None, "git": git, "data": data_version,
+            "params": redact(params.to_dict()), "files": files}
         write_json(out / MANIFEST, manifest)
     size = sum(f["bytes"] for f in files.values()) / 1e6
     print(f"ship: {params.paths.bundle}: {len(files)} files, {size:.1f} MB, model {model}"

@@ -15,15 +15,10 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
+from components.graphio import configured, pad_arrays, pad_id
 
-def configured(tokenizer: Tokenizer, max_length: int) -> Tokenizer:
-    """A copy of `tokenizer` that truncates at `max_length` and does not pad (batches are padded
-    by `pad_batch`). Copying re-parses the whole vocabulary (tens of ms), so callers that encode
-    repeatedly configure once and keep the copy (see `components.runtimes.TextEncoder`)."""
-    tok = Tokenizer.from_str(tokenizer.to_str())  # never mutate the caller's tokenizer settings
-    tok.no_padding()
-    tok.enable_truncation(max_length)
-    return tok
+__all__ = ["Collator", "EncodedDataset", "TextDataModule", "batches", "configured", "encode",
+           "pad_batch", "pad_id"]
 
 
 def encode(tokenizer: Tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
@@ -31,25 +26,11 @@ def encode(tokenizer: Tokenizer, texts: Sequence[str], max_length: int) -> list[
     return [e.ids for e in configured(tokenizer, max_length).encode_batch(list(texts))]
 
 
-def pad_id(tokenizer: Tokenizer) -> int:
-    for token in ("[PAD]", "<pad>", "<PAD>"):
-        idx = tokenizer.token_to_id(token)
-        if idx is not None:
-            return idx
-    return 0
-
-
 def pad_batch(ids: Sequence[Sequence[int]], pad: int,
               min_length: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest sequence in the batch (at least `min_length`, which a
-    token-merging student needs); returns int64 ids and attention mask."""
-    length = max(min_length, max(len(x) for x in ids))
-    input_ids = torch.full((len(ids), length), pad, dtype=torch.long)
-    mask = torch.zeros((len(ids), length), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
-        mask[i, : len(x)] = 1
-    return input_ids, mask
+    """`graphio.pad_arrays` as torch tensors: int64 ids and attention mask."""
+    input_ids, mask = pad_arrays(ids, pad, min_length)
+    return torch.from_numpy(input_ids), torch.from_numpy(mask)
 
 
 class EncodedDataset(Dataset):

@@ -31,13 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from components.bundle import INPUTS, OUTPUTS
 from components.common import StageError
 from components.config import TensorRT
+from components.graphio import INPUTS, OUTPUTS
 
 ENGINE_DIR = "tensorrt"
 PRECISIONS = ("fp16", "int8")
-INPUT_NAMES = INPUTS  # the graphs' interface (components.bundle)
+INPUT_NAMES = INPUTS  # the graphs' interface (components.graphio)
 OUTPUT_NAME = OUTPUTS[0]
 
 Shape = tuple[int, int]

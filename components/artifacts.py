@@ -5,8 +5,10 @@ readers take `Paths` (the `paths:` section of params), not all of the params.
 - prepared data (`paths.data`): `<split>.parquet` (columns text, label, label_name),
   `label_map.json` (`{"labels": [class names]}`), `report.json`;
 - domain tokenizer (`paths.tokenizer`): `tokenizer.json`;
-- teacher (`paths.teacher`): a Hugging Face model folder; cached outputs
-  (`paths.teacher_outputs`): `outputs.npz` with `<split>_logits` and `<split>_layers`;
+- teacher (`paths.teacher`): a Hugging Face model folder; its cached outputs (the label stage,
+  `paths.teacher_outputs`): `outputs.npz` with `<split>_logits` and `<split>_layers` for every
+  split and, with `distill.windows`, `windows_logits`/`windows_layers` for the training windows
+  listed in `windows.parquet` (text, source row in train, label);
 - student (`paths.student`): `config.json` + `model.safetensors` and a copy of the tokenizer;
   the models themselves are read by `components.models` (`teacher.load_saved`,
   `student.load`), which the stages that run them import;
@@ -43,8 +45,9 @@ LABEL_MAP_FILE = "label_map.json"
 REPORT_FILE = "report.json"
 # Domain tokenizer
 TOKENIZER_FILE = "tokenizer.json"
-# Teacher outputs cached for distillation
+# Teacher outputs cached for distillation (the label stage)
 OUTPUTS_FILE = "outputs.npz"
+WINDOWS_FILE = "windows.parquet"  # training windows the teacher labelled: text, source, label
 # Export
 STUDENT_FP32 = "model.onnx"
 STUDENT_INT8 = "model.int8.onnx"
@@ -54,6 +57,9 @@ TEACHER_INT8 = "teacher.int8.onnx"
 TEACHER_TOKENIZER = "teacher.tokenizer.json"
 STUDENT_PREPROCESSING = "preprocessing.json"  # components.bundle.preprocessing()
 TEACHER_PREPROCESSING = "teacher.preprocessing.json"
+# ONNX Runtime static INT8 (QDQ) graphs, calibrated on validation (`export.static_int8`)
+STUDENT_STATIC_INT8 = "model.static_int8.onnx"
+TEACHER_STATIC_INT8 = "teacher.static_int8.onnx"
 # Evaluation (machine-independent part; the timed results go to `paths.results`)
 QUALITY_FILE = "quality.json"
 RESULTS_FILE = "metrics.json"  # in `paths.results`: timings, ratios, best teacher, cascade cost
@@ -133,21 +139,36 @@ def load_tokenizer(paths: Paths) -> Tokenizer:
 
 # ------------------------------------------------------------------------ teacher
 
-def write_teacher_outputs(out: Path, outputs: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    """`outputs[split] = (logits, pooled layers)` into `out/outputs.npz`."""
+def write_teacher_outputs(out: Path, outputs: dict[str, tuple[np.ndarray, np.ndarray]],
+                          windows: pd.DataFrame | None = None) -> None:
+    """`outputs[name] = (logits, pooled layers)` into `out/outputs.npz` (name: a split, or
+    "windows" with `windows` the window table in the same order)."""
     np.savez(out / OUTPUTS_FILE,
              **{f"{s}_logits": outputs[s][0] for s in outputs},
              **{f"{s}_layers": outputs[s][1] for s in outputs})
+    if windows is not None:
+        windows.to_parquet(out / WINDOWS_FILE, index=False)
+
+
+_RERUN_LABEL = "rerun the label stage (dvc repro -f label)"
 
 
 def load_teacher_outputs(paths: Paths) -> dict[str, np.ndarray]:
     path = Path(paths.teacher_outputs) / OUTPUTS_FILE
     if not path.is_file():
-        raise StageError(f"{path} not found: run the teacher stage first (dvc repro teacher)")
-    with reading(path, "the cached teacher outputs", "rerun the teacher stage (dvc repro -f "
-                                                     "teacher)"), \
+        raise StageError(f"{path} not found: run the label stage first (dvc repro label)")
+    with reading(path, "the cached teacher outputs", _RERUN_LABEL), \
             np.load(path, allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
+
+
+def load_windows(paths: Paths) -> pd.DataFrame | None:
+    """The training windows the label stage labelled (None when windows are off)."""
+    path = Path(paths.teacher_outputs) / WINDOWS_FILE
+    if not path.is_file():
+        return None
+    with reading(path, "the labelled training windows", _RERUN_LABEL):
+        return pd.read_parquet(path)
 
 
 # ------------------------------------------------------------------------ evaluation

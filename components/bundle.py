@@ -8,6 +8,7 @@ A bundle is one self-contained folder written by the ship stage (`paths.bundle`)
     README.md, card.html the model card (Hugging Face layout) and its rendered page
     labels.json          {"labels": [class names]}, index = logit position
     student/             model.onnx (FP32), model.int8.onnx (ONNX Runtime dynamic INT8),
+                         model.static_int8.onnx (static INT8, when exported),
                          tokenizer.json, preprocessing.json
     teacher/             (with the cascade) the teacher graph it defers to, its tokenizer and
                          preprocessing.json
@@ -58,8 +59,10 @@ TOKENIZER = "tokenizer.json"
 MODEL_FILES = {
     "student_onnx": "student/model.onnx",
     "student_onnx_int8": "student/model.int8.onnx",
+    "student_onnx_static_int8": "student/model.static_int8.onnx",
     "teacher_onnx": "teacher/model.onnx",
     "teacher_onnx_int8": "teacher/model.int8.onnx",
+    "teacher_onnx_static_int8": "teacher/model.static_int8.onnx",
 }
 
 
@@ -219,7 +222,10 @@ class Bundle:
 
     @property
     def model(self) -> Graph:
-        return self.graph(MODEL_FILES[self.model_name])
+        # The manifest names its graphs, so a bundle stays loadable by a still that does not
+        # know one of its system names.
+        return self.graph(self.manifest.get("models", {}).get(self.model_name)
+                          or MODEL_FILES[self.model_name])
 
     def _batches(self, texts: Sequence[str], batch_size: int | None) -> Iterator[list[str]]:
         bs = batch_size or self.batch_size

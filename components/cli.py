@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     tri.add_argument("--out", required=True, help="model repository folder")
     tri.add_argument("--name", default="still_student")
     tri.add_argument("--model", default=None,
-                     help="student_onnx or student_onnx_int8 (default: the bundle's)")
+                     help="student_onnx, student_onnx_int8 or student_onnx_static_int8 "
+                          "(default: the bundle's)")
     tri.add_argument("--max-batch-size", type=int, default=None)
     args = parser.parse_args(argv)
 

@@ -158,9 +158,11 @@ class Prepare(_Section):
 
 class Tokenizer(_Section):
     type: Literal["bpe", "wordpiece", "unigram"] = "bpe"
-    vocab_size: int = 8000
+    vocab_size: int = 16000
     min_frequency: int = Field(2, ge=1)
     lowercase: bool = True
+    # Vocabulary sizes the stage also trains, to report text covered vs size; [] = none.
+    curve_vocab_sizes: list[int] = [4000, 8000, 16000, 24000, 32000]
 
     @field_validator("vocab_size")
     @classmethod
@@ -170,13 +172,37 @@ class Tokenizer(_Section):
                              f"{list(SPECIAL_TOKENS)} so the tokenizer learns any real token")
         return v
 
+    @field_validator("curve_vocab_sizes")
+    @classmethod
+    def _distinct_sizes_beyond_special_tokens(cls, sizes: list[int]) -> list[int]:
+        problems = []
+        repeated = sorted({v for v in sizes if sizes.count(v) > 1})
+        if repeated:
+            problems.append(f"lists {repeated} more than once (each size is one point of the "
+                            "curve)")
+        small = [v for v in sizes if v <= len(SPECIAL_TOKENS)]
+        if small:
+            problems.append(f"sizes {small} are not larger than the {len(SPECIAL_TOKENS)} "
+                            f"special tokens {list(SPECIAL_TOKENS)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return sizes
+
     @model_validator(mode="after")
     def _bpe_has_room_beyond_its_bytes(self) -> Tokenizer:
         floor = 256 + len(SPECIAL_TOKENS)  # byte-level BPE starts from all 256 bytes
-        if self.type == "bpe" and self.vocab_size <= floor:
-            raise ValueError(f"tokenizer.vocab_size={self.vocab_size} leaves byte-level BPE no "
-                             f"merges: it starts from 256 byte tokens + {len(SPECIAL_TOKENS)} "
-                             f"special tokens; use more than {floor} (or type wordpiece)")
+        if self.type != "bpe":
+            return self
+        why = (f"leaves byte-level BPE no merges: it starts from 256 byte tokens + "
+               f"{len(SPECIAL_TOKENS)} special tokens; use more than {floor} (or type wordpiece)")
+        problems = []
+        if self.vocab_size <= floor:
+            problems.append(f"tokenizer.vocab_size={self.vocab_size} {why}")
+        small = [v for v in self.curve_vocab_sizes if v <= floor]
+        if small:
+            problems.append(f"tokenizer.curve_vocab_sizes: {small} {why}")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
@@ -217,6 +243,19 @@ class FeatureDistill(_Section):
     layer_map: dict[int, int] = Field(default_factory=dict)  # student layer -> teacher layer
 
 
+class Windows(_Section):
+    """Distil on more of each text: every training text is sliced into windows of `words`
+    whitespace-separated words, `stride` words apart (the first starts at word `stride`: the
+    training example itself already covers the text's start), at most `max_per_text` per text.
+    The label stage runs the teacher on every window once; distill trains on the examples and
+    the windows (KD on the teacher's logits, hard labels from the text's label)."""
+
+    enabled: bool = True
+    words: int = Field(48, ge=1)
+    stride: int = Field(48, ge=1)
+    max_per_text: int = Field(8, ge=1)
+
+
 def merge_min_tokens(r: int, merging_layers: int) -> int:
     """Shortest input a token-merging student accepts: the last merging layer still needs r
     mergeable tokens on each side of the bipartite split, plus the protected [CLS]."""
@@ -235,6 +274,13 @@ class Distill(_Optim):
     patience: int = Field(3, ge=1)
     merge: Merge = Merge()
     feature: FeatureDistill = FeatureDistill()
+    # scratch: a new pre-LN student on the domain tokenizer (layers/hidden/heads/intermediate
+    # as set here). teacher: DistilBERT-style, `layers` of the teacher's own layers (evenly
+    # spread, or exactly `teacher_layers`), its embeddings and its tokenizer; the width comes
+    # from the teacher, so hidden/heads/intermediate are not used.
+    init: Literal["scratch", "teacher"] = "scratch"
+    teacher_layers: list[int] = Field(default_factory=list)  # 0-based teacher layers; [] = even
+    windows: Windows = Windows()
 
     @model_validator(mode="after")
     def _consistent(self) -> Distill:
@@ -255,6 +301,15 @@ class Distill(_Optim):
                     f"distill.merge.r: r={m.r} over {merging} layer(s) needs sequences of "
                     f"{needed} tokens, more than distill.max_length={self.max_length}"
                 )
+        if self.teacher_layers and self.init != "teacher":
+            problems.append("distill.teacher_layers: only used with distill.init: teacher")
+        if self.teacher_layers and len(self.teacher_layers) != self.layers:
+            problems.append(f"distill.teacher_layers: {len(self.teacher_layers)} layers listed "
+                            f"but distill.layers is {self.layers}")
+        if self.teacher_layers != sorted(set(self.teacher_layers)) or any(
+                i < 0 for i in self.teacher_layers):
+            problems.append(f"distill.teacher_layers: {self.teacher_layers} must be distinct, "
+                            "increasing 0-based layer indices")
         if self.feature.hidden_weight > 0 and not self.feature.layer_map:
             problems.append("distill.feature.hidden_weight: > 0 needs distill.feature.layer_map")
         bad_map = [k for k in self.feature.layer_map if not 0 <= k < self.layers]
@@ -297,6 +352,51 @@ class TensorRT(_Section):
         return self
 
 
+# Op types ONNX Runtime's static QDQ quantiser can quantise (its QDQ and QLinear registries,
+# onnxruntime 1.32; tests/test_export.py checks each is still one). Static INT8 quantises these
+# minus `export.static_int8.float_ops`, a fixed set, so a newer ORT never quantises more.
+QUANTIZABLE_OPS = (
+    "Add", "ArgMax", "AveragePool", "BatchNormalization", "Clip", "Concat", "Conv",
+    "ConvTranspose", "CumSum", "EmbedLayerNormalization", "Flatten", "Gather", "GatherElements",
+    "Gemm", "GlobalAveragePool", "InstanceNormalization", "LayerNormalization", "LeakyRelu",
+    "MatMul", "MaxPool", "Mul", "Pad", "Relu", "Reshape", "Resize", "Sigmoid", "Slice",
+    "Softmax", "Split", "Squeeze", "TopK", "Transpose", "Unsqueeze", "Where",
+)
+
+
+class StaticInt8(_Section):
+    """ONNX Runtime static INT8 (QDQ) of each exported graph, calibrated on validation batches."""
+
+    enabled: bool = True
+    calibration_batches: int = Field(8, ge=1)  # validation batches (fewer if the split is short)
+    calibration_batch_size: int = Field(32, ge=1)
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"  # activation ranges
+    per_channel: bool = True  # one weight scale per output channel
+    # false: uint8 activations with a zero point (ORT's choice for x86 CPUs); true: int8 with
+    # zero point 0, the form TensorRT requires.
+    activation_symmetric: bool = False
+    # Op types kept in float (quantising them too measured slower and less accurate; GELU's Erf
+    # is never quantised); the rest of QUANTIZABLE_OPS is quantised where ORT supports it, the
+    # attention products included. MatMul is always quantised.
+    float_ops: list[str] = Field(default_factory=lambda: [
+        "Add", "Mul", "Softmax", "LayerNormalization", "Where"])
+
+    @field_validator("float_ops")
+    @classmethod
+    def _known_float_ops(cls, ops: list[str]) -> list[str]:
+        unknown = [op for op in ops if op not in QUANTIZABLE_OPS]
+        if unknown:
+            raise ValueError(f"{unknown} not op type(s) ONNX Runtime quantises (spelled as in "
+                             f"ONNX, e.g. LayerNormalization); known: {', '.join(QUANTIZABLE_OPS)}")
+        if "MatMul" in ops:
+            raise ValueError("MatMul cannot stay float: it is where static INT8 saves the time "
+                             "(turn export.static_int8.enabled off instead)")
+        twice = sorted({op for op in ops if ops.count(op) > 1})
+        if twice:
+            raise ValueError(f"{twice} listed more than once")
+        return ops
+
+
 class Export(_Section):
     opset: int = Field(17, ge=14, le=21)
     atol: float = Field(1e-4, gt=0)
@@ -304,15 +404,26 @@ class Export(_Section):
     parity_batches: int = Field(4, ge=1)
     parity_batch_size: int = Field(16, ge=1)
     int8: bool = True
+    static_int8: StaticInt8 = StaticInt8()
     teacher: bool = True  # also export the fine-tuned teacher (the baseline a user would deploy)
     ort_optimize: bool = False  # ORT transformer optimizer on the FP32 graphs (measured slower)
     tensorrt: TensorRT = TensorRT()
 
 
 # The systems evaluate can build (TensorRT ones only where an engine was built and runs).
-TEACHER_SYSTEMS = ("teacher", "teacher_onnx", "teacher_onnx_int8")
-STUDENT_SYSTEMS = ("student", "student_onnx", "student_onnx_int8", "student_trt_fp16",
-                   "student_trt_int8")
+TEACHER_SYSTEMS = ("teacher", "teacher_onnx", "teacher_onnx_int8", "teacher_onnx_static_int8")
+STUDENT_SYSTEMS = ("student", "student_onnx", "student_onnx_int8", "student_onnx_static_int8",
+                   "student_trt_fp16", "student_trt_int8")
+
+
+def int8_switch(system: str, export: Export) -> tuple[str, bool] | None:
+    """`(param key, its value)` of the export switch an ONNX INT8 system needs (the FP32
+    graphs are always exported), else None."""
+    if system.endswith("_onnx_static_int8"):
+        return "export.static_int8.enabled", export.static_int8.enabled
+    if system.endswith("_onnx_int8"):
+        return "export.int8", export.int8
+    return None
 
 
 class Cascade(_Section):
@@ -339,8 +450,9 @@ class Evaluate(_Section):
 
 
 class Ship(_Section):
-    # The student `still predict` runs by default (both ONNX graphs ship either way).
-    model: Literal["student_onnx", "student_onnx_int8"] = "student_onnx_int8"
+    # The student `still predict` runs by default (every exported student graph ships).
+    model: Literal["student_onnx", "student_onnx_int8", "student_onnx_static_int8"] = (
+        "student_onnx_int8")
     # Ship the validation-chosen cascade policy and the teacher graph it defers to, when
     # evaluate chose one with ONNX systems on both sides (otherwise the student alone ships).
     cascade: bool = True
@@ -364,8 +476,9 @@ class Params(_Section):
         # ship.cascade with no cascade to ship (evaluate.cascade off, a PyTorch or TensorRT
         # system in it, no threshold reaching the target) is not an error: the bundle ships
         # the student alone and its card and the stage say why.
-        if self.ship.model.endswith("_int8") and not self.export.int8:
-            raise ValueError(f"ship.model: {self.ship.model} needs export.int8: true (got "
+        switch = int8_switch(self.ship.model, self.export)
+        if switch and not switch[1]:
+            raise ValueError(f"ship.model: {self.ship.model} needs {switch[0]}: true (got "
                              "false); set it, or ship student_onnx")
         return self
 
@@ -376,8 +489,9 @@ class Params(_Section):
             return self
         needs = [(cascade.teacher, "teacher_onnx" in cascade.teacher, export.teacher,
                   "export.teacher"),
-                 *((name, name.endswith("_int8") and "onnx" in name, export.int8, "export.int8")
-                   for name in (cascade.student, cascade.teacher))]
+                 *((name, True, switch[1], switch[0])
+                   for name in (cascade.student, cascade.teacher)
+                   if (switch := int8_switch(name, export)))]
         missing = [f"evaluate.cascade: {name} needs {key}: true (got false); "
                    f"set it, or pick another system" for name, needed, on, key in needs
                    if needed and not on]
@@ -397,6 +511,8 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "prepare": ("seed", "prepare"),
     "tokenizer": ("tokenizer", "teacher.model", "distill.max_length"),
     "teacher": ("seed", "trainer", "teacher"),
+    "label": ("trainer.num_threads", "teacher.max_length", "teacher.eval_batch_size",
+              "distill.windows"),
     "distill": ("seed", "trainer", "distill"),
     "export": ("export", "distill.max_length", "teacher.max_length"),
     "evaluate": ("seed", "evaluate", "teacher.max_length", "distill.max_length"),

@@ -1,11 +1,13 @@
 """evaluate: every system on the same test split, quality and cost side by side, with intervals.
 
 Systems: the teacher as a user would deploy it without distilling (`teacher` PyTorch eager,
-`teacher_onnx` ONNX Runtime FP32, `teacher_onnx_int8` ONNX Runtime dynamic INT8) and every
-student artifact (`student` PyTorch, `student_onnx`, `student_onnx_int8`, TensorRT engines where
-they run). For each: accuracy and macro-F1 with seeded bootstrap 95% intervals, the paired
-bootstrap interval of its accuracy difference from the best teacher runtime (and McNemar's
-exact test for students), time, size, parameters, tokens and analytic GFLOPs per example.
+`teacher_onnx` ONNX Runtime FP32, `teacher_onnx_int8` ONNX Runtime dynamic INT8,
+`teacher_onnx_static_int8` static INT8) and every student artifact (`student` PyTorch,
+`student_onnx`, `student_onnx_int8`, `student_onnx_static_int8`, TensorRT engines where they
+run); an INT8 graph the export stage did not write is left out. For each: accuracy and
+macro-F1 with seeded bootstrap 95% intervals, the paired bootstrap interval of its accuracy
+difference from the best teacher runtime (and McNemar's exact test for students), time, size,
+parameters, tokens and analytic GFLOPs per example.
 
 How time is measured (`components/runtimes.py` holds the runners):
 - threads are pinned for both runtimes (intra-op `evaluate.num_threads`, inter-op 1), and every
@@ -63,9 +65,11 @@ from components.artifacts import (
     RESULTS_FILE,
     STUDENT_FP32,
     STUDENT_INT8,
+    STUDENT_STATIC_INT8,
     STUDENT_TOKENIZER,
     TEACHER_FP32,
     TEACHER_INT8,
+    TEACHER_STATIC_INT8,
     TEACHER_TOKENIZER,
     load_label_names,
     load_split,
@@ -188,11 +192,13 @@ def build_systems(params: Params) -> tuple[list[System], str | None]:
         System("teacher", "pytorch", "teacher", torch_runner(teacher), t_enc,
                file_size(teacher_dir / "model.safetensors"), n_teacher, teacher_flops),
         *onnx_systems("teacher", (("teacher_onnx", TEACHER_FP32),
-                                  ("teacher_onnx_int8", TEACHER_INT8))),
+                                  ("teacher_onnx_int8", TEACHER_INT8),
+                                  ("teacher_onnx_static_int8", TEACHER_STATIC_INT8))),
         System("student", "pytorch", "student", torch_runner(student), s_enc,
                file_size(student_dir / student_io.WEIGHTS_FILE), n_student, student_flops),
         *onnx_systems("student", (("student_onnx", STUDENT_FP32),
-                                  ("student_onnx_int8", STUDENT_INT8))),
+                                  ("student_onnx_int8", STUDENT_INT8),
+                                  ("student_onnx_static_int8", STUDENT_STATIC_INT8))),
     ]
     runners, trt_skip = evaluate_runners(params, export_dir)
     for name, runner, size in runners:
@@ -324,14 +330,17 @@ def ratios(results: dict[str, dict], reference: str) -> dict[str, float]:
     out["student_size_vs_teacher"] = s["size_mb"] / eager["size_mb"]
     out["student_tokens_vs_teacher"] = s["tokens_per_example"] / eager["tokens_per_example"]
     out["student_flops_vs_teacher"] = s["gflops_per_example"] / eager["gflops_per_example"]
-    for side, fp32, int8 in (("", "student_onnx", "student_onnx_int8"),
-                             ("teacher_", "teacher_onnx", "teacher_onnx_int8")):
-        if fp32 in results and int8 in results:
-            q, f = results[int8], results[fp32]
-            out[f"{side}int8_throughput_vs_fp32"] = q["throughput_per_s"] / f["throughput_per_s"]
-            out[f"{side}int8_model_throughput_vs_fp32"] = (
-                q["model_throughput_per_s"] / f["model_throughput_per_s"])
-            out[f"{side}int8_accuracy_minus_fp32"] = q["accuracy"] - f["accuracy"]
+    for side in ("student", "teacher"):
+        prefix = "" if side == "student" else "teacher_"
+        for form in ("int8", "static_int8"):
+            fp32, int8 = f"{side}_onnx", f"{side}_onnx_{form}"
+            if fp32 in results and int8 in results:
+                q, f = results[int8], results[fp32]
+                out[f"{prefix}{form}_throughput_vs_fp32"] = (
+                    q["throughput_per_s"] / f["throughput_per_s"])
+                out[f"{prefix}{form}_model_throughput_vs_fp32"] = (
+                    q["model_throughput_per_s"] / f["model_throughput_per_s"])
+                out[f"{prefix}{form}_accuracy_minus_fp32"] = q["accuracy"] - f["accuracy"]
     return out
 
 
@@ -466,7 +475,7 @@ def run(params: Params) -> dict:
     for name, r in results.items():
         if name != reference:
             r["vs_best_teacher"] = versus(boot, logits[name].argmax(-1), ref_preds)
-        tqdm.write(f"evaluate: {name:<18} acc {r['accuracy']:.4f} "
+        tqdm.write(f"evaluate: {name:<24} acc {r['accuracy']:.4f} "
                    f"[{r['accuracy_ci'][0]:.4f}, {r['accuracy_ci'][1]:.4f}]  model "
                    f"{r['model_throughput_per_s']:.1f} ex/s  e2e {r['throughput_per_s']:.1f} "
                    f"ex/s  p50 {r['latency_p50_ms']:.2f} ms  {r['size_mb']:.1f} MB")

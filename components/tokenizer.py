@@ -3,9 +3,18 @@
 Produces in `paths.tokenizer`: `tokenizer.json` (Hugging Face `tokenizers`, BPE / WordPiece /
 Unigram, with [PAD]=0 [UNK] [CLS] [SEP] [MASK] and a `[CLS] text [SEP]` template), `metrics.json`
 (tokens per example for the new and the teacher tokenizer on the validation split, their ratio,
-unknown-token rates, vocab size) and the resolved `params.json`.
+unknown-token rates, vocab size, characters of text covered within `distill.max_length` tokens,
+and the cost `curve`), `curve.json` (the curve as DVC plot data: one row per
+`tokenizer.curve_vocab_sizes` entry plus a `teacher` row) and the resolved `params.json`.
 
-The tokenizer sees only the train split; metrics are measured on held-out validation text.
+The cost curve trains one more tokenizer of the configured type per curve size (the configured
+`vocab_size`, when listed, is reused) and measures each on validation text: mean tokens per
+example untruncated, and the mean number of source characters the model sees, i.e. what the
+first `distill.max_length` tokens span once [CLS]/[SEP] take their places, truncated exactly as
+the models truncate (`graphio.configured`). The teacher's tokenizer is measured at the same
+length, so a vocabulary size can be picked by how much text it fits into the student's window.
+
+The tokenizers see only the train split; metrics are measured on held-out validation text.
 
 Run: `python -m components.tokenizer` (or `dvc repro tokenizer`).
 """
@@ -14,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 from tokenizers import (
+    Regex,
     Tokenizer,
     decoders,
     models,
@@ -26,14 +36,20 @@ from tokenizers import (
 from components.artifacts import TOKENIZER_FILE, load_split
 from components.common import atomic_dir, stage_main, write_json
 from components.config import SPECIAL_TOKENS, Params
+from components.config import Tokenizer as TokenizerConfig
+from components.graphio import configured
 from components.hub import load_backend_tokenizer
+from components.report import markdown_table
 
 PAD, UNK, CLS, SEP = SPECIAL_TOKENS[:4]
+CURVE_FILE = "curve.json"  # DVC plot data: vocabulary size vs text covered, and the teacher
 
 
 def build(cfg_type: str, vocab_size: int, min_frequency: int, lowercase: bool):
     """Return an untrained tokenizer and its trainer for the given type."""
-    norm = [normalizers.NFKC()]
+    # Runs of whitespace become one space: a paragraph break says nothing a space does not, and
+    # byte-level BPE would spend two tokens on each "\n\n" (and split the word after it).
+    norm = [normalizers.NFKC(), normalizers.Replace(Regex(r"\s+"), " ")]
     if lowercase:
         norm.append(normalizers.Lowercase())
     special = list(SPECIAL_TOKENS)
@@ -89,13 +105,84 @@ def token_stats(encodings, unk_id: int | None) -> dict[str, float]:
     }
 
 
+def chars_covered(tok: Tokenizer, texts: list[str], max_length: int) -> np.ndarray:
+    """Per text, how many of its characters the model sees at `max_length`: the end offset of
+    the last text token kept when `tok` truncates as the models do ([CLS]/[SEP] count towards
+    `max_length`), in characters of the source text (0 for a text without tokens)."""
+    covered = []
+    for enc in configured(tok, max_length).encode_batch(texts):
+        ends = [end for (_, end), special in zip(enc.offsets, enc.special_tokens_mask,
+                                                 strict=True) if not special]
+        covered.append(max(ends, default=0))
+    return np.array(covered)
+
+
+def coverage(tok: Tokenizer, texts: list[str], max_length: int) -> dict[str, float]:
+    """Mean tokens per example (untruncated, [CLS]/[SEP] included) and mean characters covered
+    within `max_length` tokens (`chars_covered`). `tok` must not truncate by itself."""
+    return {
+        "tokens_per_example": float(np.mean([len(e.ids) for e in tok.encode_batch(texts)])),
+        "chars_covered": float(chars_covered(tok, texts, max_length).mean()),
+    }
+
+
+def cost_curve(train_texts: list[str], eval_texts: list[str], cfg: TokenizerConfig,
+               max_length: int, trained: dict[int, Tokenizer] | None = None) -> list[dict]:
+    """One row per `cfg.curve_vocab_sizes` entry, ascending: a tokenizer like `cfg`'s trained on
+    `train_texts` at that size (`vocab_size` is what training reached: it stops early when no
+    pair is frequent enough), measured on `eval_texts` by `coverage`. `trained` maps sizes to
+    tokenizers already trained with `cfg`, reused instead of training again."""
+    trained = trained or {}
+    rows = []
+    for size in sorted(cfg.curve_vocab_sizes):
+        tok = trained[size] if size in trained else train(
+            train_texts, cfg.type, size, cfg.min_frequency, cfg.lowercase)
+        rows.append({"requested_vocab_size": size, "vocab_size": tok.get_vocab_size(),
+                     **coverage(tok, eval_texts, max_length)})
+    return rows
+
+
+def _ratio(ours: float, theirs: float) -> float | None:
+    return ours / theirs if theirs else None
+
+
+def versus_teacher(row: dict, teacher: dict) -> dict:
+    """`row` with its tokens and characters covered as ratios of the teacher's."""
+    return {**row,
+            "tokens_ratio_vs_teacher": _ratio(row["tokens_per_example"],
+                                              teacher["tokens_per_example"]),
+            "chars_covered_ratio_vs_teacher": _ratio(row["chars_covered"],
+                                                     teacher["chars_covered"])}
+
+
+def curve_table(curve: list[dict], teacher: dict, max_length: int) -> str:
+    """The curve and the teacher's row as a Markdown table, then the smallest sizes that beat
+    the teacher on each measure."""
+    rows = [{"vocab_size": f"{r['requested_vocab_size']} ({r['vocab_size']} trained)",
+             "tokens_per_example": r["tokens_per_example"],
+             "tokens_vs_teacher": r["tokens_ratio_vs_teacher"],
+             f"chars_in_{max_length}_tokens": r["chars_covered"],
+             "chars_vs_teacher": r["chars_covered_ratio_vs_teacher"]} for r in curve]
+    rows.append({"vocab_size": f"teacher ({teacher['vocab_size']})",
+                 "tokens_per_example": teacher["tokens_per_example"],
+                 f"chars_in_{max_length}_tokens": teacher["chars_covered"]})
+    fewer = [r["requested_vocab_size"] for r in curve
+             if r["tokens_per_example"] < teacher["tokens_per_example"]]
+    more = [r["requested_vocab_size"] for r in curve
+            if r["chars_covered"] > teacher["chars_covered"]]
+    return (markdown_table(rows) + "\n"
+            f"smallest size spending fewer tokens per example than the teacher: "
+            f"{fewer[0] if fewer else 'none'}; covering more characters within {max_length} "
+            f"tokens: {more[0] if more else 'none'}")
+
+
 def teacher_tokenizer(params: Params) -> Tokenizer:
     """The teacher's fast tokenizer as a raw `tokenizers.Tokenizer`, for a like-for-like count."""
     return load_backend_tokenizer(params.teacher.model)
 
 
 def run(params: Params) -> dict:
-    cfg = params.tokenizer
+    cfg, max_length = params.tokenizer, params.distill.max_length
     train_texts = load_split(params.paths, "train")["text"].tolist()
     eval_texts = load_split(params.paths, "validation")["text"].tolist()
 
@@ -104,8 +191,17 @@ def run(params: Params) -> dict:
     teacher.no_truncation()
     teacher.no_padding()
 
-    ours = token_stats(tok.encode_batch(eval_texts), tok.token_to_id(UNK))
+    encodings = tok.encode_batch(eval_texts)
+    ours = token_stats(encodings, tok.token_to_id(UNK))
     theirs = token_stats(teacher.encode_batch(eval_texts), teacher.token_to_id(UNK))
+    teacher_row = {
+        "vocab_size": teacher.get_vocab_size(),
+        "tokens_per_example": theirs["tokens_per_example"],
+        "chars_covered": float(chars_covered(teacher, eval_texts, max_length).mean()),
+    }
+    own_chars = float(chars_covered(tok, eval_texts, max_length).mean())
+    curve = [versus_teacher(row, teacher_row) for row in
+             cost_curve(train_texts, eval_texts, cfg, max_length, {cfg.vocab_size: tok})]
     metrics = {
         "type": cfg.type,
         "vocab_size": tok.get_vocab_size(),
@@ -117,19 +213,32 @@ def run(params: Params) -> dict:
         "teacher_unk_rate": theirs["unk_rate"],
         "tokens_ratio_vs_teacher": ours["tokens_per_example"] / theirs["tokens_per_example"],
         "fraction_truncated_at_student_max_length": float(
-            np.mean([len(e.ids) > params.distill.max_length
-                     for e in tok.encode_batch(eval_texts)])
+            np.mean([len(e.ids) > max_length for e in encodings])
         ),
+        "chars_covered": own_chars,
+        "teacher_chars_covered": teacher_row["chars_covered"],
+        "chars_covered_ratio_vs_teacher": _ratio(own_chars, teacher_row["chars_covered"]),
+        "curve": curve,
     }
+    plot = [{"tokenizer": cfg.type, **{k: row[k] for k in (
+        "requested_vocab_size", "vocab_size", "tokens_per_example", "chars_covered")}}
+        for row in curve]
+    plot.append({"tokenizer": "teacher", **teacher_row})
     with atomic_dir(params.paths.tokenizer, params, "tokenizer") as out:
         tok.save(str(out / TOKENIZER_FILE))
         write_json(out / "metrics.json", metrics)
+        write_json(out / CURVE_FILE, plot)
     print(
         f"tokenizer: {cfg.type} vocab {metrics['vocab_size']}: "
         f"{metrics['tokens_per_example']:.1f} tokens/example vs teacher "
         f"{metrics['teacher_tokens_per_example']:.1f} "
-        f"({metrics['tokens_ratio_vs_teacher']:.2f}x), unk rate {metrics['unk_rate']:.4f}"
+        f"({metrics['tokens_ratio_vs_teacher']:.2f}x), unk rate {metrics['unk_rate']:.4f}, "
+        f"{own_chars:.0f} characters within {max_length} tokens vs teacher "
+        f"{teacher_row['chars_covered']:.0f}"
     )
+    if curve:
+        print(f"tokenizer: cost curve on validation ({cfg.type}, distill.max_length "
+              f"{max_length}):\n{curve_table(curve, teacher_row, max_length)}")
     return metrics
 
 

@@ -106,3 +106,26 @@ def test_every_code_default_is_the_params_yaml_value():
 
     visit(Params, raw, "")
     assert not disagree, "\n".join(disagree)
+
+
+def test_static_int8_params_are_checked_with_their_key():
+    with pytest.raises(ParamsError, match=r"export\.static_int8\.float_ops: \['LayerNorm'\] "
+                                          r"not op type"):
+        load_params(ROOT / "params.yaml", {"export.static_int8.float_ops": ["LayerNorm"]})
+    with pytest.raises(ParamsError, match=r"export\.static_int8\.float_ops: MatMul cannot"):
+        load_params(ROOT / "params.yaml", {"export.static_int8.float_ops": ["Add", "MatMul"]})
+    with pytest.raises(ParamsError, match=r"export\.static_int8\.method"):
+        load_params(ROOT / "params.yaml", {"export.static_int8.method": "kl"})
+    with pytest.raises(ParamsError, match=r"export\.static_int8\.calibration_batch_size"):
+        load_params(ROOT / "params.yaml", {"export.static_int8.calibration_batch_size": 0})
+    off = {"export.static_int8.enabled": False}
+    with pytest.raises(ParamsError, match=r"ship\.model: student_onnx_static_int8 needs "
+                                          r"export\.static_int8\.enabled: true"):
+        load_params(ROOT / "params.yaml", {**off, "ship.model": "student_onnx_static_int8"})
+    with pytest.raises(ParamsError, match=r"teacher_onnx_static_int8 needs "
+                                          r"export\.static_int8\.enabled: true"):
+        load_params(ROOT / "params.yaml", {**off, "evaluate.cascade.teacher":
+                                           "teacher_onnx_static_int8"})
+    ok = load_params(ROOT / "params.yaml", {"evaluate.cascade.student": "student_onnx_static_int8",
+                                            "ship.model": "student_onnx_static_int8"})
+    assert ok.export.static_int8.enabled and load_params(ROOT / "params.yaml", off)

@@ -36,7 +36,7 @@ import pytest
 import torch
 import yaml
 
-from components import prepare, teacher, tokenizer
+from components import label, prepare, teacher, tokenizer
 from components.artifacts import load_split, load_teacher_outputs
 from components.config import apply_overrides, validate
 from components.models.student import load
@@ -111,7 +111,7 @@ def test_ddp_on_two_cpu_processes_writes_one_student_like_a_single_process(
         "prepare.validation_fraction": VALIDATION_FRACTION, "distill.batch_size": SINGLE_BATCH,
         "distill.alpha": 0.0})
     params = validate({**raw, "paths": {k: str(project / v) for k, v in raw["paths"].items()}})
-    for stage in (prepare, tokenizer, teacher):
+    for stage in (prepare, tokenizer, teacher, label):
         stage.run(params)
     assert len(load_split(params.paths, "validation")) == 33
 

@@ -4,8 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SYSTEMS = {"teacher", "teacher_onnx", "teacher_onnx_int8", "student", "student_onnx",
-           "student_onnx_int8"}
+SYSTEMS = {"teacher", "teacher_onnx", "teacher_onnx_int8", "teacher_onnx_static_int8", "student",
+           "student_onnx", "student_onnx_int8", "student_onnx_static_int8"}
 KEYS = {"accuracy", "accuracy_ci", "macro_f1", "macro_f1_ci", "latency_p50_ms", "latency_p95_ms",
         "throughput_per_s", "model_throughput_per_s", "tokenize_ms_per_example",
         "model_latency_p50_ms", "throughput_iqr", "size_mb", "parameters", "tokens_per_example"}
@@ -31,7 +31,11 @@ def test_metrics_cover_every_system(trained_pipeline):
     assert s["accuracy"] == o["accuracy"]
     t = metrics["systems"]["teacher"]
     assert t["accuracy"] == metrics["systems"]["teacher_onnx"]["accuracy"]
-    assert metrics["best_teacher"] in {"teacher", "teacher_onnx", "teacher_onnx_int8"}
+    assert metrics["best_teacher"] in {"teacher", "teacher_onnx", "teacher_onnx_int8",
+                                       "teacher_onnx_static_int8"}
+    for prefix in ("", "teacher_"):  # both INT8 forms against FP32, per side
+        for form in ("int8", "static_int8"):
+            assert metrics["ratios"][f"{prefix}{form}_model_throughput_vs_fp32"] > 0
     # The best teacher runtime: the fastest teacher within the interval of the most accurate.
     teachers = {n: r for n, r in metrics["systems"].items() if r["side"] == "teacher"}
     top = max(teachers.values(), key=lambda r: (r["accuracy"], r["throughput_per_s"]))
@@ -223,3 +227,25 @@ def test_a_tracking_failure_is_a_warning_after_the_outputs_are_written(trained_p
     assert json.loads((tmp_path / "results/metrics.json").read_text()) == json.loads(
         json.dumps(metrics))
     assert (tmp_path / "evaluate/quality.json").is_file()
+
+
+def test_static_int8_off_leaves_it_out_and_evaluate_and_ship_still_work(trained_pipeline,
+                                                                         tmp_path):
+    """export.static_int8.enabled: false writes no static graphs; evaluate measures the other
+    systems and ship bundles the student without one."""
+    from components import evaluate, export, ship
+    from components.bundle import load_bundle
+    from components.config import apply_overrides, validate
+
+    params, _ = trained_pipeline
+    params = validate(apply_overrides(params.to_dict(), {
+        **{f"paths.{k}": str(tmp_path / k) for k in ("export", "evaluate", "results", "bundle")},
+        "export.static_int8.enabled": False, "tracking.mode": "disabled"}))
+    metrics = export.run(params)
+    assert "static_int8" not in metrics and "static_int8" not in metrics["teacher"]
+    assert not list((tmp_path / "export").glob("*static*"))
+    systems = evaluate.run(params)["systems"]
+    assert set(systems) == SYSTEMS - {"student_onnx_static_int8", "teacher_onnx_static_int8"}
+    manifest = ship.run(params)
+    assert not [f for f in manifest["files"] if "static" in f]
+    assert load_bundle(tmp_path / "bundle").predict(["goal for the team"])[0]["label"]

@@ -106,3 +106,140 @@ def test_ort_optimizer_option_keeps_parity(tmp_path):
     assert result["fp32"]["max_abs_error"] < cfg.atol
     assert 0 <= result["int8"]["argmax_agreement"] <= 1 and (tmp_path / "m.int8.onnx").is_file()
     assert result["int8"]["bytes"] < result["fp32"]["bytes"]
+
+
+# --------------------------------------------------------------------------- static INT8
+
+
+def _feeds(batches):
+    return [{"input_ids": ids.numpy(), "attention_mask": mask.numpy()} for ids, mask in batches]
+
+
+def _rounded_float_inputs(graph, float_ops) -> list[str]:
+    """Float-op nodes reading DQ(Q(t)) of a tensor t computed in float: an input rounded to 8
+    bits. A DQ of an int8 producer's output (an embedding Gather) is exact and allowed."""
+    producer = {o: n for n in graph.node for o in n.output}
+    bad = []
+    for node in graph.node:
+        if node.op_type not in float_ops:
+            continue
+        for name in node.input:
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" \
+                else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                source = producer.get(q.input[0])
+                if source is None or source.op_type in float_ops or source.op_type in (
+                        "MatMul", "Gemm"):
+                    bad.append(f"{node.op_type} {node.name} reads {name}")
+    return bad
+
+
+def _weight_scales(graph) -> list[int]:
+    """Element counts of the scales of every dequantised weight (initializer) tensor."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    return [int(np.prod(numpy_helper.to_array(inits[n.input[1]]).shape) or 1)
+            for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+            and inits[n.input[0]].data_type in (2, 3)]  # uint8/int8 weights
+
+
+def test_static_int8_graphs_are_exported_and_agree_with_fp32(trained_pipeline):
+    """Both sides: a Q/DQ graph with per-channel weights, calibrated on validation, run by ORT
+    at other batch sizes and lengths, predicting (nearly) what FP32 predicts on test."""
+    import onnx
+
+    from components.artifacts import load_split
+    from components.runtimes import TextEncoder
+
+    params, results = trained_pipeline
+    out = Path(params.paths.export)
+    cfg = params.export.static_int8
+    texts = load_split(params.paths, "test")["text"].tolist()
+    for fp32, static, tokenizer, metrics, max_length in (
+            ("model.onnx", "model.static_int8.onnx", "tokenizer.json", results["export"],
+             params.distill.max_length),
+            ("teacher.onnx", "teacher.static_int8.onnx", "teacher.tokenizer.json",
+             results["export"]["teacher"], params.teacher.max_length)):
+        m = metrics["static_int8"]
+        graph = onnx.load(str(out / static)).graph
+        kinds = {n.op_type for n in graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= kinds, static
+        assert m["quantized_ops"]["MatMul"] > 0 and m["bytes"] == (out / static).stat().st_size
+        assert not set(m["quantized_ops"]) & set(cfg.float_ops)
+        assert not _rounded_float_inputs(graph, cfg.float_ops), static
+        scales = _weight_scales(graph)
+        assert scales and max(scales) > 1, static  # per-channel: one scale per column
+        assert m["calibration"] == {"method": cfg.method, "split": "validation",
+                                    "batches": m["calibration"]["batches"],
+                                    "examples": m["calibration"]["examples"]}
+        assert 0 < m["calibration"]["examples"] <= (cfg.calibration_batches
+                                                    * cfg.calibration_batch_size)
+        assert 0.5 <= m["argmax_agreement"] <= 1 and m["max_abs_error"] >= 0
+        from tokenizers import Tokenizer
+
+        enc = TextEncoder(Tokenizer.from_file(str(out / tokenizer)), max_length)
+        ref, q = session(out / fp32), session(out / static)
+        assert [i.shape for i in q.get_inputs()] == [["batch", "sequence"]] * 2
+        agree = []
+        for size in (7, 3, 1):  # batch and sequence axes both vary
+            for start in range(0, len(texts), 40):
+                ids, mask = enc(texts[start : start + size])
+                feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+                a, b = ref.run(None, feed)[0], q.run(None, feed)[0]
+                assert b.shape == a.shape and np.isfinite(b).all()
+                agree += (a.argmax(-1) == b.argmax(-1)).tolist()
+        assert np.mean(agree) >= 0.9, (static, np.mean(agree))
+    # The teacher is post-norm: its residual Adds read the LayerNorm outputs the next MatMuls
+    # read quantised; they get the float tensors back.
+    assert results["export"]["teacher"]["static_int8"]["float_inputs_unrounded"] > 0
+
+
+def test_static_int8_options_change_the_graph(tmp_path):
+    """per_channel, float_ops and the calibration methods do what they say, on a tiny
+    student."""
+    import onnx
+
+    from components.config import StaticInt8
+    from components.export import quantize_static_int8
+
+    torch.manual_seed(0)
+    model = tiny_student()
+    src = tmp_path / "m.onnx"
+    export_onnx(model, pad_batch([[2, 5, 3]], 0), src, opset=17)
+    calibration = _feeds([pad_batch([[2, 5, 6, 7, 3], [2, 9, 3]], 0),
+                          pad_batch([[2, 8, 8, 4, 4, 4, 3]] * 3, 0)])
+    default = StaticInt8()
+    info = quantize_static_int8(src, tmp_path / "d.onnx", calibration, default)
+    assert info["calibration"]["batches"] == 2 and info["calibration"]["examples"] == 5
+    graph = onnx.load(str(tmp_path / "d.onnx")).graph
+    assert max(_weight_scales(graph)) > 1
+    assert not set(info["quantized_ops"]) & set(default.float_ops)
+    assert not _rounded_float_inputs(graph, default.float_ops)
+    # Per tensor: one scale per weight.
+    quantize_static_int8(src, tmp_path / "t.onnx", calibration,
+                         default.model_copy(update={"per_channel": False}))
+    assert set(_weight_scales(onnx.load(str(tmp_path / "t.onnx")).graph)) == {1}
+    # Nothing kept float: the normalisations, softmaxes and adds are quantised too.
+    every = quantize_static_int8(src, tmp_path / "a.onnx", calibration,
+                                 default.model_copy(update={"float_ops": []}))
+    assert {"Add", "LayerNormalization", "Softmax"} <= set(every["quantized_ops"])
+    assert info["quantized_ops"]["MatMul"] == 2 * 6  # per layer: qkv, 2 attention, out, 2 MLP
+    for method in ("entropy", "percentile"):  # batches of different lengths calibrate too
+        m = quantize_static_int8(src, tmp_path / f"{method}.onnx", calibration,
+                                 default.model_copy(update={"method": method,
+                                                            "activation_symmetric": True}))
+        assert m["calibration"]["method"] == method and m["activation_symmetric"]
+        sess = session(tmp_path / f"{method}.onnx")
+        assert np.isfinite(sess.run(None, calibration[1])[0]).all()
+
+
+def test_static_int8_op_types_are_ones_onnxruntime_quantises():
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    from components.config import QUANTIZABLE_OPS
+
+    assert set(QUANTIZABLE_OPS) <= set(QDQRegistry) | set(QLinearOpsRegistry)
+    assert {"MatMul", "Gemm", "Gather"} <= set(QUANTIZABLE_OPS)

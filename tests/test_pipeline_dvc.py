@@ -17,7 +17,8 @@ from tests.conftest import make_dvc_repo, make_examples, sh
 
 pytestmark = pytest.mark.slow
 DVC = [sys.executable, "-m", "dvc"]
-STAGES = ["source", "prepare", "tokenizer", "teacher", "distill", "export", "evaluate", "ship"]
+STAGES = ["source", "prepare", "tokenizer", "teacher", "label", "distill", "export", "evaluate",
+          "ship"]
 
 
 def stages_run(output: str) -> list[str]:
@@ -54,8 +55,9 @@ def test_repro_reproduces_in_a_clean_clone_and_reruns_only_what_changed(repo, tm
     first = sh([*DVC, "repro"], repo)
     assert stages_run(first) == STAGES
     metrics = json.loads((repo / "results/metrics.json").read_text())
-    assert set(metrics["systems"]) == {"teacher", "teacher_onnx", "teacher_onnx_int8", "student",
-                                       "student_onnx", "student_onnx_int8"}
+    assert set(metrics["systems"]) == {
+        "teacher", "teacher_onnx", "teacher_onnx_int8", "teacher_onnx_static_int8", "student",
+        "student_onnx", "student_onnx_int8", "student_onnx_static_int8"}
     assert set(lock_outs(repo)) == set(STAGES)
     manifest = json.loads((repo / "data/source.json").read_text())
     assert manifest["source"] == "raw/tiny.csv" and manifest["kind"] == "local"

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from components import cascade
-from components.artifacts import STUDENT_INT8, load_quality, load_split
+from components.artifacts import STUDENT_INT8, STUDENT_STATIC_INT8, load_quality, load_split
 from components.bundle import BundleError, load_bundle, verify
 from components.cli import main as cli
 from components.common import StageError
@@ -32,16 +32,16 @@ def shipped(trained_pipeline):
     return params, results, Path(params.paths.bundle)
 
 
-def evaluate_logits(params, texts: list[str]) -> np.ndarray:
-    """The INT8 student's test logits the way evaluate computes them: runtimes' encoder and
-    ONNX runner, batches of evaluate.throughput_batch_size in order."""
+def evaluate_logits(params, texts: list[str], graph: str = STUDENT_INT8) -> np.ndarray:
+    """A student graph's test logits (dynamic INT8 by default) the way evaluate computes them:
+    runtimes' encoder and ONNX runner, batches of evaluate.throughput_batch_size in order."""
     from tokenizers import Tokenizer
 
     export = Path(params.paths.export)
     model = student_io.load(params.paths.student)
     enc = TextEncoder(Tokenizer.from_file(str(export / "tokenizer.json")),
                       params.distill.max_length, model.cfg.min_tokens())
-    run = onnx_runner(ort_session(export / STUDENT_INT8, params.evaluate.num_threads))
+    run = onnx_runner(ort_session(export / graph, params.evaluate.num_threads))
     bs = params.evaluate.throughput_batch_size
     return np.concatenate([run(*enc(texts[i : i + bs])) for i in range(0, len(texts), bs)])
 
@@ -307,3 +307,37 @@ def test_ship_without_results_or_cascade_still_ships(shipped, tmp_path):
     assert not (tmp_path / "b" / "teacher").exists()
     texts = pd.Series(["markets rally"]).tolist()
     assert load_bundle(tmp_path / "b").predict(texts)[0]["label"]
+
+
+def test_the_static_int8_student_ships_and_predicts(shipped, tmp_path, capsys):
+    """The default bundle carries the static INT8 student; `ship.model:
+    student_onnx_static_int8` makes it the one `still predict` runs, predicting what evaluate
+    measured."""
+    from components import ship
+    from components.config import apply_overrides, validate
+
+    params, _, bundle_dir = shipped
+    assert "student/model.static_int8.onnx" in verify(bundle_dir)["files"]
+    params = validate(apply_overrides(params.to_dict(), {
+        "paths.bundle": str(tmp_path / "b"), "ship.model": "student_onnx_static_int8",
+        "tracking.mode": "disabled"}))
+    manifest = ship.run(params)
+    assert manifest["model"] == "student_onnx_static_int8"
+    assert manifest["models"]["student_onnx_static_int8"] == "student/model.static_int8.onnx"
+    bundle = load_bundle(tmp_path / "b")
+    test = load_split(params.paths, "test")
+    texts = test["text"].tolist()
+    expected = evaluate_logits(params, texts, STUDENT_STATIC_INT8).argmax(-1)
+    answers = bundle.predict(texts)
+    assert [a["label"] for a in answers] == [bundle.labels[k] for k in expected]
+    accuracy = np.mean([a["label"] == n for a, n in zip(answers, test["label_name"],
+                                                        strict=True)])
+    assert accuracy == load_quality(params.paths)["systems"]["student_onnx_static_int8"][
+        "accuracy"]
+    card = (tmp_path / "b" / "README.md").read_text()
+    assert "**student_onnx_static_int8** (`student/model.static_int8.onnx`)" in card
+    assert "ONNX Runtime static INT8" in card
+    capsys.readouterr()  # the stage's own lines
+    assert cli(["predict", "--bundle", str(tmp_path / "b"), "goal scored late"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert json.loads(line)["label"] in bundle.labels

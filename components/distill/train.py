@@ -4,7 +4,10 @@ Loss: alpha * T^2 * KL(teacher soft labels || student) + (1 - alpha) * CE(labels
 optional feature terms (`distill.feature`: pooled / per-layer hidden-state matching through
 learned projections, see `losses.FeatureDistillationLoss`), trained with the shared Lightning
 loop (checkpointing, early stopping on validation loss, progress
-bar, W&B). The teacher is never run here: its logits come from `paths.teacher_outputs`.
+bar, W&B). The teacher is never run here: its logits come from `paths.teacher_outputs` (the
+label stage), for the training examples and, with `distill.windows`, for the word windows of
+every training text it labelled (TinyBERT-style augmentation: the student learns from all of
+each text, not only from its first `max_length` tokens).
 
 Produces in `paths.student`: `model.safetensors`, `config.json` (architecture),
 `tokenizer.json` (copy of the domain tokenizer, so the folder is self-contained),
@@ -18,40 +21,98 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
+from tokenizers import Tokenizer
+
 from components.artifacts import (
     TOKENIZER_FILE,
     load_label_names,
     load_split,
     load_teacher_outputs,
     load_tokenizer,
+    load_windows,
 )
-from components.common import StageError, atomic_dir, stage_main, write_json
+from components.common import StageError, atomic_dir, reading, stage_main, write_json
 from components.config import Params, layer_map_problem, teacher_layer_count
 from components.distill.losses import DistillationLoss, FeatureDistillationLoss
-from components.models.student import Student, StudentConfig, save
+from components.models.student import (
+    Student,
+    StudentConfig,
+    from_teacher,
+    save,
+    spread_layers,
+)
 from components.textdata import EncodedDataset, TextDataModule, encode, pad_id
 from components.training import ClassifierModule, configure_torch, fit
 
 
 def build_student(params: Params, vocab_size: int, num_labels: int, pad: int) -> Student:
+    """The student `distill.init` asks for: a new one (scratch) or one copied from the
+    teacher's layers (`student.from_teacher`; its vocabulary is the teacher's)."""
     d, m = params.distill, params.distill.merge
-    return Student(StudentConfig(
-        vocab_size=vocab_size, num_labels=num_labels, max_length=d.max_length, layers=d.layers,
-        hidden=d.hidden, heads=d.heads, intermediate=d.intermediate, dropout=d.dropout,
-        pooling=d.pooling, pad_id=pad, merge_method=m.method, merge_r=m.r,
-        merge_layers=tuple(m.layers), protect_first=m.protect_first,
-        proportional_attention=m.proportional_attention, pitome_margin=m.pitome_margin,
-        pitome_alpha=m.pitome_alpha,
-    ))
+    settings = dict(
+        num_labels=num_labels, max_length=d.max_length, dropout=d.dropout, pooling=d.pooling,
+        pad_id=pad, merge_method=m.method, merge_r=m.r, merge_layers=tuple(m.layers),
+        protect_first=m.protect_first, proportional_attention=m.proportional_attention,
+        pitome_margin=m.pitome_margin, pitome_alpha=m.pitome_alpha)
+    if d.init == "teacher":
+        teacher_layers = teacher_layer_count(params.paths.teacher)
+        layers = d.teacher_layers or spread_layers(teacher_layers or d.layers, d.layers)
+        return from_teacher(params.paths.teacher, layers, **settings)
+    return Student(StudentConfig(vocab_size=vocab_size, layers=d.layers, hidden=d.hidden,
+                                 heads=d.heads, intermediate=d.intermediate, **settings))
 
 
-def build_loss(params: Params, teacher_hidden: int):
+def student_tokenizer(params: Params) -> tuple[Tokenizer, Path]:
+    """The domain tokenizer, or the teacher's own for a student copied from the teacher, and
+    the file it came from (copied into the student's folder)."""
+    if params.distill.init == "scratch":
+        return load_tokenizer(params.paths), Path(params.paths.tokenizer) / TOKENIZER_FILE
+    path = Path(params.paths.teacher) / TOKENIZER_FILE
+    if not path.is_file():
+        raise StageError(f"{path} not found: distill.init: teacher needs the teacher stage's "
+                         "fast tokenizer (dvc repro teacher)")
+    with reading(path, "the teacher's tokenizer", "rerun the teacher stage (dvc repro -f "
+                                                  "teacher)"):
+        return Tokenizer.from_file(str(path)), path
+
+
+def build_loss(params: Params, student_hidden: int, teacher_hidden: int):
     d, f = params.distill, params.distill.feature
     kd = DistillationLoss(d.temperature, d.alpha)
     if not (f.pooled_weight or f.hidden_weight):
         return kd
-    return FeatureDistillationLoss(kd, d.hidden, teacher_hidden, f.pooled_weight,
+    return FeatureDistillationLoss(kd, student_hidden, teacher_hidden, f.pooled_weight,
                                    f.hidden_weight, f.layer_map)
+
+
+def teacher_targets(teacher: dict[str, np.ndarray], name: str,
+                    features: bool) -> dict[str, np.ndarray]:
+    """The cached teacher outputs a student trains against, for a split or "windows"."""
+    targets = {"teacher_logits": teacher[f"{name}_logits"]}
+    if features:
+        targets["teacher_layers"] = teacher[f"{name}_layers"]
+    return targets
+
+
+def with_windows(params: Params, train: tuple, teacher: dict[str, np.ndarray],
+                 features: bool) -> tuple:
+    """The training examples followed by the training windows the label stage labelled."""
+    windows = load_windows(params.paths)
+    if windows is None or "windows_logits" not in teacher:
+        raise StageError(
+            f"distill.windows.enabled is true but {params.paths.teacher_outputs} holds no "
+            "labelled windows: rerun the label stage (dvc repro label)")
+    texts, labels, targets = train
+    extra = teacher_targets(teacher, "windows", features)
+    if len(windows) != len(extra["teacher_logits"]):
+        raise StageError(
+            f"{params.paths.teacher_outputs}: {len(windows)} windows but "
+            f"{len(extra['teacher_logits'])} cached teacher outputs; rerun the label stage "
+            "(dvc repro -f label)")
+    return (texts + windows["text"].tolist(),
+            np.concatenate([labels, windows["label"].to_numpy()]),
+            {k: np.concatenate([v, extra[k]]) for k, v in targets.items()})
 
 
 def check_layer_map(params: Params, teacher_layers: int | None) -> None:
@@ -69,24 +130,26 @@ def run(params: Params) -> dict:
     cfg = params.distill
     check_layer_map(params, teacher_layer_count(params.paths.teacher))
     configure_torch(params)
-    tok = load_tokenizer(params.paths)
+    tok, tok_file = student_tokenizer(params)
     pad = pad_id(tok)
     labels = load_label_names(params.paths)
     teacher = load_teacher_outputs(params.paths)
-    data = {}
     # The cached outputs hold the embeddings + every layer: the same check, in case they
     # disagree with the teacher's config.json.
     check_layer_map(params, teacher["train_layers"].shape[1] - 1)
+    features = bool(cfg.feature.pooled_weight or cfg.feature.hidden_weight)
+    data = {}
     for split in ("train", "validation"):
         frame = load_split(params.paths, split)
-        targets = {"teacher_logits": teacher[f"{split}_logits"]}
-        if cfg.feature.pooled_weight or cfg.feature.hidden_weight:
-            targets["teacher_layers"] = teacher[f"{split}_layers"]
-        data[split] = EncodedDataset(encode(tok, frame["text"], cfg.max_length),
-                                     frame["label"].to_numpy(), targets)
+        data[split] = (frame["text"].tolist(), frame["label"].to_numpy(),
+                       teacher_targets(teacher, split, features))
+    if cfg.windows.enabled:
+        data["train"] = with_windows(params, data["train"], teacher, features)
+    data = {split: EncodedDataset(encode(tok, texts, cfg.max_length), y, targets)
+            for split, (texts, y, targets) in data.items()}
 
     model = build_student(params, tok.get_vocab_size(), len(labels), pad)
-    loss = build_loss(params, teacher["train_layers"].shape[-1])
+    loss = build_loss(params, model.cfg.hidden, teacher["train_layers"].shape[-1])
     module = ClassifierModule(model, loss, cfg.lr, cfg.weight_decay, cfg.warmup_ratio)
     dm = TextDataModule(data["train"], data["validation"], cfg.batch_size, pad, params.seed,
                         min_length=model.cfg.min_tokens())
@@ -98,14 +161,16 @@ def run(params: Params) -> dict:
         "val_loss": val["val/loss"],
         "val_teacher_agreement": val["val/teacher_agreement"],
         "epochs_trained": val["epochs_trained"],
+        "train_examples": len(data["train"]),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "init": cfg.init,
         "merge_method": params.distill.merge.method,
         "merge_layers": model.cfg.merging_layers(),
         "min_tokens": model.cfg.min_tokens(),
     }
     with atomic_dir(params.paths.student, params, "distill") as out:
         save(model.eval(), out)
-        shutil.copyfile(Path(params.paths.tokenizer) / TOKENIZER_FILE, out / TOKENIZER_FILE)
+        shutil.copyfile(tok_file, out / TOKENIZER_FILE)
         write_json(out / "metrics.json", metrics)
     shutil.rmtree(checkpoints, ignore_errors=True)
     print(f"distill: student {metrics['parameters']:,} params, validation accuracy "

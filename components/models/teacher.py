@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,6 +32,26 @@ class HFClassifier(nn.Module):
         m = attention_mask.unsqueeze(-1).to(out.hidden_states[0].dtype)
         layers = [(h * m).sum(1) / m.sum(1).clamp(min=1) for h in out.hidden_states]
         return out.logits, torch.stack(layers, dim=1)
+
+
+@torch.no_grad()
+def predict_outputs(model: HFClassifier, ids: list[list[int]], batch_size: int, pad: int,
+                    progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Logits [n, labels] and pooled layers [n, layers + 1, hidden] of encoded examples, in
+    order; `progress` names a progress bar (None: silent)."""
+    from tqdm.auto import tqdm
+
+    from components.textdata import batches
+
+    model.eval()
+    logits, layers = [], []
+    total = -(-len(ids) // batch_size)
+    for input_ids, mask in tqdm(batches(ids, batch_size, pad), total=total, desc=progress,
+                                unit="batch", disable=progress is None, mininterval=2):
+        lg, hl = model.features(input_ids, mask)
+        logits.append(lg.float().numpy())
+        layers.append(hl.float().numpy())
+    return np.concatenate(logits), np.concatenate(layers)
 
 
 def with_head(path: str, label_names: list[str]) -> HFClassifier:

@@ -46,12 +46,13 @@ def test_unknown_keys_are_each_named(tmp_path):
 
 def test_heads_not_dividing_hidden():
     raw = production()
-    raw["distill"]["heads"] = 3
+    raw["distill"].update(hidden=256, heads=3)
     assert "distill.heads: hidden (256) must be divisible by heads (3)" in problems(raw)
 
 
 def test_merge_r_too_large_for_the_sequence():
     raw = production()
+    raw["distill"].update(layers=4, max_length=128)
     raw["distill"]["merge"].update(method="tome", r=40)
     msg = problems(raw)
     assert ("distill.merge.r: r=40 over 4 layer(s) needs sequences of 202 tokens, more than "

@@ -58,6 +58,6 @@ def test_tokenizer_rerun_is_byte_identical(tmp_path, dataset_csv, tiny_teacher, 
                        cwd=tmp_path, env=env, capture_output=True)
         snapshots.append(snapshot(tok))
     first, again = snapshots
-    assert set(first) == {"tokenizer.json", "metrics.json", "params.json"}
+    assert set(first) == {"tokenizer.json", "metrics.json", "params.json", "curve.json"}
     assert again["params.json"] == first["params.json"]
     assert again == first

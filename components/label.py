@@ -33,13 +33,13 @@ def run(params: Params) -> dict:
     cfg, win = params.teacher, params.distill.windows
     torch.set_num_threads(params.trainer.num_threads)
     labels = load_label_names(params.paths)
+    frames = {s: load_split(params.paths, s) for s in SPLITS}  # checked before any model work
     model, hf_tok = load_saved(params.paths.teacher)
     if model.hf.config.num_labels != len(labels):
         raise StageError(
             f"the teacher in {params.paths.teacher} has {model.hf.config.num_labels} labels but "
             f"the data has {len(labels)} ({labels}): rerun the teacher stage (dvc repro teacher)")
     backend, pad = hf_tok.backend_tokenizer, pad_id(hf_tok.backend_tokenizer)
-    frames = {s: load_split(params.paths, s) for s in SPLITS}
     outputs, metrics = {}, {}
     for split, frame in frames.items():
         ids = encode(backend, frame["text"], cfg.max_length)

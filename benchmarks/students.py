@@ -95,35 +95,41 @@ QUICK = {"distill.epochs": 1, "distill.windows.max_per_text": 1}
 QUICK_VARIANTS = ["default", "no_windows", "teacher_init"]
 
 
+def _made_with(folder: str | Path, p, stage: str) -> bool:
+    """Whether `folder` holds `stage`'s output written with exactly `p`'s params for it."""
+    try:
+        return read_json(Path(folder) / PARAMS_FILE) == json.loads(json.dumps(redact(
+            stage_params(p, stage))))
+    except StageError:  # no or unreadable params.json
+        return False
+
+
 def _reuse(p) -> dict | None:
-    """The metrics of a student trained before with exactly these params, else None."""
+    """The metrics of a student trained before with exactly these params and tokenizer."""
     folder = Path(p.paths.student)
     source = (Path(p.paths.tokenizer) if p.distill.init == "scratch"
               else Path(p.paths.teacher)) / TOKENIZER_FILE
     try:
         same_tokenizer = (folder / TOKENIZER_FILE).read_bytes() == source.read_bytes()
-        if same_tokenizer and read_json(folder / PARAMS_FILE) == json.loads(json.dumps(redact(
-                stage_params(p, "distill")))):
-            return read_json(folder / "metrics.json")
     except OSError:
-        pass
+        return None
+    if not (same_tokenizer and _made_with(folder, p, "distill")):
+        return None
+    try:
+        return read_json(folder / "metrics.json")
     except StageError:
-        pass
-    return None
+        return None
 
 
 def labelled_cache(params, out: Path) -> str:
     """A teacher-outputs folder with labelled windows: the pipeline's when it has them (with
     these window params), else labelled here once."""
     p = validate(apply_overrides(params.to_dict(), {"distill.windows.enabled": True}))
-    if load_windows(p.paths) is not None and read_json(
-            Path(p.paths.teacher_outputs) / PARAMS_FILE) == json.loads(json.dumps(
-                redact(stage_params(p, "label")))):
+    if load_windows(p.paths) is not None and _made_with(p.paths.teacher_outputs, p, "label"):
         return p.paths.teacher_outputs
     folder = out / "label"
     p = validate(apply_overrides(p.to_dict(), {"paths.teacher_outputs": str(folder)}))
-    if not (folder / OUTPUTS_FILE).is_file() or read_json(folder / PARAMS_FILE) != json.loads(
-            json.dumps(redact(stage_params(p, "label")))):
+    if not ((folder / OUTPUTS_FILE).is_file() and _made_with(folder, p, "label")):
         print(f"=== labelling the training windows with the teacher into {folder}", flush=True)
         label.run(p)
     return str(folder)

@@ -43,7 +43,7 @@ import numpy as np
 
 from components import export, label
 from components.artifacts import (
-    OUTPUTS_FILE,
+    OUTPUTS_INDEX,
     TEACHER_FP32,
     TOKENIZER_FILE,
     load_label_names,
@@ -129,7 +129,7 @@ def labelled_cache(params, out: Path) -> str:
         return p.paths.teacher_outputs
     folder = out / "label"
     p = validate(apply_overrides(p.to_dict(), {"paths.teacher_outputs": str(folder)}))
-    if not ((folder / OUTPUTS_FILE).is_file() and _made_with(folder, p, "label")):
+    if not ((folder / OUTPUTS_INDEX).is_file() and _made_with(folder, p, "label")):
         print(f"=== labelling the training windows with the teacher into {folder}", flush=True)
         label.run(p)
     return str(folder)

@@ -6,9 +6,11 @@ readers take `Paths` (the `paths:` section of params), not all of the params.
   `label_map.json` (`{"labels": [class names]}`), `report.json`;
 - domain tokenizer (`paths.tokenizer`): `tokenizer.json`;
 - teacher (`paths.teacher`): a Hugging Face model folder; its cached outputs (the label stage,
-  `paths.teacher_outputs`): `outputs.npz` with `<split>_logits` and `<split>_layers` for every
-  split and, with `distill.windows`, `windows_logits`/`windows_layers` for the training windows
-  listed in `windows.parquet` (text, source row in train, label);
+  `paths.teacher_outputs`): for every split and, with `distill.windows`, for the training
+  windows listed in `windows.parquet` (text, source row in train, label), one `.npy` file per
+  array, `<name>.logits.npy` (float32 [n, labels]) and `<name>.layers.npy` (float16
+  [n, layers + 1, hidden], the mean-pooled hidden states), written batch by batch and read as
+  memory maps, plus `outputs.json` (the row count of each name: the index the reader checks);
 - student (`paths.student`): `config.json` + `model.safetensors` and a copy of the tokenizer;
   the models themselves are read by `components.models` (`teacher.load_saved`,
   `student.load`), which the stages that run them import;
@@ -27,6 +29,7 @@ Every stage output also holds `params.json` (its stage's params) and most a `met
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,7 +49,9 @@ REPORT_FILE = "report.json"
 # Domain tokenizer
 TOKENIZER_FILE = "tokenizer.json"
 # Teacher outputs cached for distillation (the label stage)
-OUTPUTS_FILE = "outputs.npz"
+OUTPUTS_INDEX = "outputs.json"  # {"outputs": {name: rows}, "layers_dtype", ...}
+OUTPUTS_FORMAT = "still-teacher-outputs/2"
+LAYERS_DTYPE = np.float16  # pooled states: half the bytes; KD measured unchanged (issue 16)
 WINDOWS_FILE = "windows.parquet"  # training windows the teacher labelled: text, source, label
 # Export
 STUDENT_FP32 = "model.onnx"
@@ -76,24 +81,58 @@ def write_prepared(out: Path, splits: dict[str, pd.DataFrame], label_names: list
     write_json(out / REPORT_FILE, report)
 
 
+def split_frame(texts: list[str], ids: list[int], label_names: list[str]) -> pd.DataFrame:
+    """Rows of a split as the DataFrame pandas builds from lists, so that its Parquet schema
+    (pandas metadata included) is what `DataFrame.to_parquet` writes: a split that fits in one
+    batch is byte-identical to a whole frame written at once."""
+    as_pandas = pd.Series(["text"]).dtype  # how this pandas holds a list of str: str or object
+    return pd.DataFrame({
+        "text": pd.Series(texts, dtype=as_pandas),
+        "label": np.asarray(ids, dtype=np.int64),
+        "label_name": pd.Series([label_names[i] for i in ids], dtype=as_pandas),
+    })
+
+
+class SplitWriter:
+    """`<split>.parquet` (text, label, label_name) written batch by batch, one row group per
+    `write`, into `out` (prepare's temporary output folder): memory holds one batch."""
+
+    def __init__(self, out: Path, split: str, label_names: list[str]):
+        self.path, self.split, self.label_names = out / f"{split}.parquet", split, label_names
+        self.rows = 0
+        self._writer = None
+
+    def write(self, texts: list[str], ids: list[int]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pandas(split_frame(texts, ids, self.label_names),
+                                     preserve_index=False)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.path, table.schema, compression="snappy")
+        self._writer.write_table(table)
+        self.rows += len(texts)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
 _DAMAGED = ("it is damaged (a full disk, an interrupted copy) or was edited: restore it with "
             "`dvc checkout`, or rerun the prepare stage (dvc repro -f prepare)")
 
 
-def load_split(paths: Paths, split: str) -> pd.DataFrame:
-    """A prepared split, checked against `label_map.json`: a label id outside the map (or a
-    name that disagrees with it) means the split and the map come from different runs, and
-    every accuracy computed on it would be wrong."""
+def split_path(paths: Paths, split: str) -> Path:
     path = Path(paths.data) / f"{split}.parquet"
     if not path.is_file():
         raise StageError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
-    with reading(path, f"the prepared {split} split", _DAMAGED):
-        df = pd.read_parquet(path)
-        missing = {"text", "label"} - set(df.columns)
-        if missing:
-            raise ValueError(f"no column(s) {sorted(missing)}")
-    names = load_label_names(paths)
-    ids = df["label"].to_numpy()
+    return path
+
+
+def _check_labels(path: Path, paths: Paths, names: list[str], ids: np.ndarray,
+                  label_names: np.ndarray | None, first_row: int = 0) -> None:
+    """A label id outside the map (or a name that disagrees with it) means the split and the
+    map come from different runs, and every accuracy computed on it would be wrong."""
     unknown = sorted({int(i) for i in ids if not 0 <= i < len(names)})
     if unknown:
         raise StageError(
@@ -101,15 +140,89 @@ def load_split(paths: Paths, split: str) -> pd.DataFrame:
             f"{Path(paths.data) / LABEL_MAP_FILE} ({len(names)} labels: {names}); "
             "the split and the label map come from different "
             "prepare runs: rerun prepare (dvc repro prepare) and the stages after it")
-    if "label_name" in df:
-        mismatch = df["label_name"].to_numpy() != np.asarray(names, dtype=object)[ids]
+    if label_names is not None:
+        mismatch = label_names != np.asarray(names, dtype=object)[ids]
         if mismatch.any():
             row = int(np.flatnonzero(mismatch)[0])
             raise StageError(
-                f"{path}: row {row} has label {int(ids[row])} named "
-                f"{df['label_name'].iloc[row]!r} but label_map.json calls it "
+                f"{path}: row {first_row + row} has label {int(ids[row])} named "
+                f"{label_names[row]!r} but label_map.json calls it "
                 f"{names[ids[row]]!r}; rerun prepare (dvc repro prepare)")
+
+
+def load_split(paths: Paths, split: str) -> pd.DataFrame:
+    """A prepared split, checked against `label_map.json` (`_check_labels`), all in memory:
+    for the held-out splits that evaluation scores. Stages that read the train split at any
+    size stream it instead (`iter_split_texts`, `load_split_labels`)."""
+    path = split_path(paths, split)
+    with reading(path, f"the prepared {split} split", _DAMAGED):
+        df = pd.read_parquet(path)
+        missing = {"text", "label"} - set(df.columns)
+        if missing:
+            raise ValueError(f"no column(s) {sorted(missing)}")
+    _check_labels(path, paths, load_label_names(paths), df["label"].to_numpy(),
+                  df["label_name"].to_numpy() if "label_name" in df else None)
     return df
+
+
+BATCH_ROWS = 8192  # rows per batch when a Parquet file is streamed
+
+
+def parquet_rows(path: Path, what: str, fix: str = _DAMAGED) -> int:
+    """Rows of a Parquet file, from its footer (nothing else is read)."""
+    import pyarrow.parquet as pq
+
+    with reading(path, what, fix):
+        return pq.ParquetFile(path).metadata.num_rows
+
+
+def iter_parquet(path: Path, columns: list[str], what: str, fix: str = _DAMAGED,
+                 batch_rows: int = BATCH_ROWS) -> Iterator[pd.DataFrame]:
+    """A Parquet file as DataFrames of at most `batch_rows` rows, in order: memory holds one
+    batch, whatever the file's size. A damaged file or a missing column is a StageError."""
+    import pyarrow.parquet as pq
+
+    with reading(path, what, fix):
+        reader = pq.ParquetFile(path)
+        missing = set(columns) - set(reader.schema_arrow.names)
+        if missing:
+            raise ValueError(f"no column(s) {sorted(missing)}")
+        batches = reader.iter_batches(batch_size=batch_rows, columns=columns)
+    while True:
+        with reading(path, what, fix):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch.to_pandas()
+
+
+def iter_split_texts(paths: Paths, split: str,
+                     batch_rows: int = BATCH_ROWS) -> Iterator[list[str]]:
+    """The texts of a prepared split in batches, in order (labels: `load_split_labels`)."""
+    path = split_path(paths, split)
+    for frame in iter_parquet(path, ["text"], f"the prepared {split} split",
+                              batch_rows=batch_rows):
+        yield frame["text"].tolist()
+
+
+def load_split_labels(paths: Paths, split: str) -> np.ndarray:
+    """The label ids of a prepared split, checked against `label_map.json` as `load_split`
+    checks them, read batch by batch (8 bytes per row held)."""
+    path = split_path(paths, split)
+    names = load_label_names(paths)
+    import pyarrow.parquet as pq
+
+    with reading(path, f"the prepared {split} split", _DAMAGED):
+        has_names = "label_name" in pq.ParquetFile(path).schema_arrow.names
+    columns = ["label", "label_name"] if has_names else ["label"]
+    parts, row = [], 0
+    for frame in iter_parquet(path, columns, f"the prepared {split} split"):
+        ids = frame["label"].to_numpy()
+        _check_labels(path, paths, names, ids,
+                      frame["label_name"].to_numpy() if has_names else None, row)
+        parts.append(ids.astype(np.int64))
+        row += len(ids)
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 def load_label_names(paths: Paths) -> list[str]:
@@ -139,33 +252,101 @@ def load_tokenizer(paths: Paths) -> Tokenizer:
 
 # ------------------------------------------------------------------------ teacher
 
-def write_teacher_outputs(out: Path, outputs: dict[str, tuple[np.ndarray, np.ndarray]],
-                          windows: pd.DataFrame | None = None) -> None:
-    """`outputs[name] = (logits, pooled layers)` into `out/outputs.npz` (name: a split, or
-    "windows" with `windows` the window table in the same order)."""
-    np.savez(out / OUTPUTS_FILE,
-             **{f"{s}_logits": outputs[s][0] for s in outputs},
-             **{f"{s}_layers": outputs[s][1] for s in outputs})
-    if windows is not None:
-        windows.to_parquet(out / WINDOWS_FILE, index=False)
+def outputs_files(name: str) -> tuple[str, str]:
+    """The files of one name's cached teacher outputs: logits, pooled layers."""
+    return f"{name}.logits.npy", f"{name}.layers.npy"
+
+
+class NpyWriter:
+    """A `.npy` file of known shape written row block by row block, in order, through a plain
+    file handle: constant memory and no memory map, whatever the file's size. The file is
+    complete (readable by `np.load`) once every row has been written and it is closed;
+    `close()` refuses a short file."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype):
+        self.path, self.shape, self.dtype = Path(path), tuple(shape), np.dtype(dtype)
+        self.rows = 0
+        self._fh = open(self.path, "wb")  # noqa: SIM115 (closed by close())
+        np.lib.format.write_array_header_2_0(self._fh, {
+            "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+            "shape": self.shape})
+
+    def write(self, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block, dtype=self.dtype)
+        if block.shape[1:] != self.shape[1:] or self.rows + len(block) > self.shape[0]:
+            raise ValueError(f"{self.path.name}: block {block.shape} does not fit "
+                             f"{self.shape} after {self.rows} rows")
+        self._fh.write(block.tobytes())
+        self.rows += len(block)
+
+    def close(self) -> None:
+        self._fh.close()
+        if self.rows != self.shape[0]:
+            raise ValueError(f"{self.path.name}: {self.rows} of {self.shape[0]} rows written")
+
+
+def write_outputs_index(out: Path, rows: dict[str, int], num_labels: int,
+                        layers: tuple[int, int], layers_dtype=LAYERS_DTYPE) -> None:
+    """`outputs.json`: what `load_teacher_outputs` expects to find beside it."""
+    write_json(out / OUTPUTS_INDEX, {
+        "format": OUTPUTS_FORMAT, "outputs": rows, "num_labels": num_labels,
+        "layers_shape": list(layers), "logits_dtype": "float32",
+        "layers_dtype": np.dtype(layers_dtype).name})
 
 
 _RERUN_LABEL = "rerun the label stage (dvc repro -f label)"
 
 
 def load_teacher_outputs(paths: Paths) -> dict[str, np.ndarray]:
-    path = Path(paths.teacher_outputs) / OUTPUTS_FILE
-    if not path.is_file():
-        raise StageError(f"{path} not found: run the label stage first (dvc repro label)")
-    with reading(path, "the cached teacher outputs", _RERUN_LABEL), \
-            np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+    """The cached teacher outputs as read-only memory maps, `<name>_logits` and
+    `<name>_layers` for every name in `outputs.json`: nothing is read into memory until an
+    example is asked for. Each file is checked against the index (rows, shape, dtype). The
+    label stage writes float16 layers; an index saying float32 (a full-precision copy, as
+    benchmarks/scale.py's KD check makes) is read as such."""
+    folder = Path(paths.teacher_outputs)
+    index_path = folder / OUTPUTS_INDEX
+    if not index_path.is_file():
+        old = " (it holds the outputs.npz of an older version)" if (
+            folder / "outputs.npz").is_file() else ""
+        raise StageError(f"{index_path} not found{old}: run the label stage (dvc repro label)")
+    index = read_json(index_path)
+    if not (isinstance(index, dict) and index.get("format") == OUTPUTS_FORMAT
+            and isinstance(index.get("outputs"), dict)):
+        raise StageError(f"{index_path}: not a {OUTPUTS_FORMAT} index; {_RERUN_LABEL}")
+    k, layers = index["num_labels"], tuple(index["layers_shape"])
+    layers_dtype = index.get("layers_dtype")
+    if layers_dtype not in ("float16", "float32"):
+        raise StageError(f"{index_path}: layers_dtype {layers_dtype!r} is not float16 or "
+                         f"float32; {_RERUN_LABEL}")
+    arrays = {}
+    for name, rows in index["outputs"].items():
+        specs = {"logits": ((rows, k), np.dtype(np.float32)),
+                 "layers": ((rows, *layers), np.dtype(layers_dtype))}
+        for (kind, (shape, dtype)), file in zip(specs.items(), outputs_files(name),
+                                                strict=True):
+            path = folder / file
+            if not path.is_file():
+                raise StageError(f"{path} not found; {_RERUN_LABEL}")
+            with reading(path, f"the cached teacher {kind} of {name}", _RERUN_LABEL):
+                array = np.load(path, mmap_mode="r", allow_pickle=False)
+                if array.shape != shape or array.dtype != dtype:
+                    raise ValueError(f"holds {array.dtype} {array.shape}, outputs.json says "
+                                     f"{dtype} {shape}")
+            arrays[f"{name}_{kind}"] = array
+    return arrays
+
+
+def windows_path(paths: Paths) -> Path | None:
+    """The training windows the label stage labelled (None when windows are off)."""
+    path = Path(paths.teacher_outputs) / WINDOWS_FILE
+    return path if path.is_file() else None
 
 
 def load_windows(paths: Paths) -> pd.DataFrame | None:
-    """The training windows the label stage labelled (None when windows are off)."""
-    path = Path(paths.teacher_outputs) / WINDOWS_FILE
-    if not path.is_file():
+    """The labelled training windows in memory (text, source, label); None when windows are
+    off. Training streams them instead (`iter_parquet` on `windows_path`)."""
+    path = windows_path(paths)
+    if path is None:
         return None
     with reading(path, "the labelled training windows", _RERUN_LABEL):
         return pd.read_parquet(path)

@@ -511,8 +511,10 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "prepare": ("seed", "prepare"),
     "tokenizer": ("tokenizer", "teacher.model", "distill.max_length"),
     "teacher": ("seed", "trainer", "teacher"),
-    "label": ("trainer.num_threads", "teacher.max_length", "teacher.eval_batch_size",
-              "distill.windows"),
+    # Not trainer.devices/strategy/num_nodes: the cache is the same on any number of processes
+    # (components.inference), so scaling the caching out does not invalidate it.
+    "label": ("trainer.num_threads", "trainer.precision", "teacher.max_length",
+              "teacher.eval_batch_size", "distill.windows"),
     "distill": ("seed", "trainer", "distill"),
     "export": ("export", "distill.max_length", "teacher.max_length"),
     "evaluate": ("seed", "evaluate", "teacher.max_length", "distill.max_length"),

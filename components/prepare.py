@@ -9,13 +9,14 @@ resolved `params.json`. Running twice with the same params gives byte-identical 
 Bad rows (malformed CSV/JSONL records, undecodable bytes, missing fields, empty texts, missing
 labels, classes too small to split) are dropped and counted when `prepare.on_bad_rows` is `skip`
 (the default), or stop the stage with a message naming them when it is `error`. Exact
-duplicates are always dropped and counted. Every row read is kept or counted as dropped:
-`rows_read == rows_kept + sum(dropped)`. A CSV record that cannot be parsed (an unterminated
-quote, say) costs only its first line: the lines after it are read again as records. Nothing is
-written unless the whole stage succeeds: the previous output folder stays as it was. A source
-that cannot be read at all (missing, not what its name or `prepare.format` says, truncated, a
-server that does not answer within `prepare.timeout_s`) stops the stage with one message naming
-it.
+duplicates (after whitespace and case normalisation) are dropped and counted unless
+`prepare.deduplicate` is false; with it, every copy of a text found under two labels is dropped
+too (`conflicting_labels`). Every row read is kept or counted as dropped: `rows_read ==
+rows_kept + sum(dropped)`. A CSV record that cannot be parsed (an unterminated quote, say) costs
+only its first line: the lines after it are read again as records. Nothing is written unless
+the whole stage succeeds: the previous output folder stays as it was. A source that cannot be
+read at all (missing, not what its name or `prepare.format` says, truncated, a server that does
+not answer within `prepare.timeout_s`) stops the stage with one message naming it.
 
 Labels: a label is the class name after Unicode NFC normalisation and stripping of surrounding
 whitespace; with `prepare.labels_casefold` (default) it is also case-folded ("SPAM", "Spam "
@@ -33,34 +34,62 @@ read, class folders named `_name` are skipped, and each entry left out is counte
 in report.json `skipped`. The readers live in `components.rows`, shared with `still predict
 --input`, so a bad row is named the same way in both.
 
+Streaming: memory does not grow with the dataset's texts. The reader (`components.rows`) yields
+one row at a time (CSV/TSV record by record, JSONL line by line, Parquet and Hugging Face
+datasets `BATCH_ROWS` rows at a time, a folder file by file) and the stage makes two passes:
+1. clean each row as it comes (the rules above) and spill the usable ones, `BATCH_ROWS` at a
+   time, to a temporary Parquet file beside the output folder, keeping in memory only a few
+   numbers per row: its class, its length and a 128-bit hash of its deduplication key;
+2. decide from those arrays alone which rows are conflicting, duplicate or of a too-small class,
+   the label ids and the seeded split (the same `stratified_split` over the kept rows in source
+   order), then stream the spill once more and append each kept row to its split's file.
+Counts, examples, split contents and order are what loading everything at once gave; a split
+of at most `BATCH_ROWS` rows is even the same bytes (one row group; a bigger split gets one
+row group per `BATCH_ROWS` rows). The spill is removed when the stage ends, however it ends.
+
 Run: `python -m components.prepare` (or `dvc repro prepare`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import re
+import tempfile
 import unicodedata
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from components.artifacts import SPLITS, write_prepared
+from components.artifacts import SPLITS, SplitWriter, write_prepared
 from components.common import StageError, atomic_dir, stage_main
 from components.config import Params, Prepare
 from components.rows import (
+    EXAMPLES_PER_REASON,
     FOLDER_SKIP_REASONS,
+    READ_BUFFER,
     Reader,
+    Row,
     Rows,
     clean_unicode,
     describe_drops,
-    read_source,
+    stream_source,
     text_problem,
 )
 
-__all__ = ["BAD_ROW_REASONS", "FOLDER_SKIP_REASONS", "clean", "label_name", "run"]
+__all__ = ["BAD_ROW_REASONS", "BATCH_ROWS", "FOLDER_SKIP_REASONS", "clean_row", "label_name",
+           "run"]
+
+# Rows read, cleaned and spilled at a time, read back at a time, and written per row group of a
+# split: with the per-row arrays (a few dozen bytes a row), what bounds the stage's memory.
+BATCH_ROWS = 10_000
 
 # Drop reasons that mean the input itself is broken: with `on_bad_rows: error` any of them stops
 # the stage. Exact duplicates are ordinary cleaning and never do.
@@ -131,52 +160,209 @@ def label_name(label: object, cfg: Prepare) -> str | None:
     return name
 
 
+def clean_row(text: object, label: object, cfg: Prepare) -> tuple[str | None, str, str]:
+    """One raw row as (drop reason, text, class name): the reason is None for a usable row,
+    whose text is then stripped of surrounding whitespace; otherwise text and name are ""."""
+    if isinstance(label, list | dict):
+        return "invalid_label", "", ""
+    name = label_name(label, cfg)
+    if name is None:
+        return "missing_label", "", ""
+    problem = text_problem(text, cfg.min_chars)
+    if problem != "missing_text" and not clean_unicode(name):
+        problem = "not_utf8"  # a label holding undecodable bytes
+    if problem:
+        return problem, "", ""
+    return None, text.strip(), name
 
-def clean(rows: Rows, cfg: Prepare) -> tuple[pd.DataFrame, Rows]:
-    """Drop unusable rows and duplicates; every drop is counted by reason (in the returned
-    copy of `rows.dropped` / `rows.examples`), every label spelling merged into another class
-    name is listed in its `label_merges`."""
-    tally = Rows(dropped=Counter(rows.dropped),
-                 examples={k: list(v) for k, v in rows.examples.items()},
-                 skipped=Counter(rows.skipped),
-                 skipped_examples={k: list(v) for k, v in rows.skipped_examples.items()})
-    texts, labels, origins = [], [], []
+
+_SPILL_SCHEMA = pa.schema([("text", pa.large_string()), ("origin", pa.large_string())])
+
+
+@dataclass
+class _Cleaned:
+    """What pass 1 leaves in memory: a few numbers per usable row, in source order (the texts
+    themselves are in the spill file, row for row)."""
+
+    classes: list[str]  # class code -> name, in order of first appearance
+    codes: np.ndarray  # int32 class code per row
+    lengths: np.ndarray  # int64 characters per (stripped) text
+    hashes: np.ndarray | None  # V16 digest of the dedup key per row (None: no deduplication)
+    tally: Rows  # drops of pass 1: the reader's first, then the cleaning's (see below)
+    rows_read: int
+
+    @property
+    def n(self) -> int:
+        return len(self.codes)
+
+
+def _dedup_key(text: str) -> bytes:
+    """A 128-bit digest of the normalised text, standing in for it in memory (16 bytes a row,
+    whatever the text's length): equal texts get equal keys; two different texts among n share
+    one with a probability below n**2 / 2**129 (1e-21 for a billion rows)."""
+    return hashlib.blake2b(_normalise_for_dedup(text).encode("utf-8"), digest_size=16).digest()
+
+
+def _clean_and_spill(stream: Iterator[Row], read: Rows, cfg: Prepare, spill: Path) -> _Cleaned:
+    """Pass 1: clean the rows as they are read, `BATCH_ROWS` at a time; usable rows go to the
+    `spill` Parquet file (text, origin), their class, length and dedup key to small arrays.
+    `read` is the reader's tally, complete once `stream` is exhausted."""
+    tally = Rows()
+    classes: dict[str, int] = {}
     spellings: dict[str, set[str]] = {}
-    for text, label, origin in zip(rows.texts, rows.labels, rows.origins, strict=True):
-        if isinstance(label, list | dict):
-            tally.drop("invalid_label", origin)
-            continue
-        name = label_name(label, cfg)
-        if name is None:
-            tally.drop("missing_label", origin)
-            continue
-        problem = text_problem(text, cfg.min_chars)
-        if problem != "missing_text" and not clean_unicode(name):
-            problem = "not_utf8"  # a label holding undecodable bytes
-        if problem:
-            tally.drop(problem, origin)
-            continue
-        text = text.strip()
-        spellings.setdefault(name, set()).add(_label_spelling(label))
-        texts.append(text)
-        labels.append(name)
-        origins.append(origin)
-    tally.label_merges = {name: sorted(s for s in spelled if s != name)
-                          for name, spelled in sorted(spellings.items())
-                          if spelled != {name}}
-    df = pd.DataFrame({"text": texts, "label_name": labels, "origin": origins})
-    if cfg.deduplicate and len(df):
-        key = df["text"].map(_normalise_for_dedup)
-        # A text seen with two different labels is ambiguous: drop every copy of it.
-        n_labels = df.groupby(key)["label_name"].transform("nunique")
-        conflicting = n_labels > 1
-        for origin in df.loc[conflicting, "origin"]:
+    parts: dict[str, list[np.ndarray]] = {"codes": [], "lengths": [], "hashes": []}
+    texts: list[str] = []
+    origins: list[str] = []
+    codes: list[int] = []
+    keys: list[bytes] = []
+    n_read = 0
+    with pq.ParquetWriter(spill, _SPILL_SCHEMA, compression="none",
+                          use_dictionary=False) as writer:
+
+        def flush() -> None:
+            writer.write_table(pa.table([texts, origins], schema=_SPILL_SCHEMA))
+            parts["codes"].append(np.array(codes, dtype=np.int32))
+            parts["lengths"].append(np.array([len(t) for t in texts], dtype=np.int64))
+            if cfg.deduplicate:
+                parts["hashes"].append(np.frombuffer(b"".join(keys), dtype="V16"))
+            for batch in (texts, origins, codes, keys):
+                batch.clear()
+
+        for text, label, origin in stream:
+            n_read += 1
+            problem, text, name = clean_row(text, label, cfg)
+            if problem:
+                tally.drop(problem, origin)
+                continue
+            spellings.setdefault(name, set()).add(_label_spelling(label))
+            texts.append(text)
+            origins.append(origin)
+            codes.append(classes.setdefault(name, len(classes)))
+            if cfg.deduplicate:
+                keys.append(_dedup_key(text))
+            if len(texts) == BATCH_ROWS:
+                flush()
+        if texts:
+            flush()
+
+    # The reader's drops come first, then the cleaning's, as when the reader ran to the end
+    # before cleaning began (the order decides which examples of a reason are reported).
+    merged = Rows(dropped=Counter(read.dropped),
+                  examples={k: list(v) for k, v in read.examples.items()},
+                  skipped=Counter(read.skipped),
+                  skipped_examples={k: list(v) for k, v in read.skipped_examples.items()})
+    for reason, n in tally.dropped.items():
+        merged.dropped[reason] += n
+        merged.examples[reason] = (merged.examples.get(reason, [])
+                                   + tally.examples[reason])[:EXAMPLES_PER_REASON]
+    merged.label_merges = {name: sorted(s for s in spelled if s != name)
+                           for name, spelled in sorted(spellings.items())
+                           if spelled != {name}}
+
+    def joined(key: str, dtype: str) -> np.ndarray:
+        return np.concatenate(parts[key]) if parts[key] else np.zeros(0, dtype=dtype)
+
+    return _Cleaned(classes=list(classes), codes=joined("codes", "int32"),
+                    lengths=joined("lengths", "int64"),
+                    hashes=joined("hashes", "V16") if cfg.deduplicate else None,
+                    tally=merged, rows_read=n_read + sum(read.dropped.values()))
+
+
+def _deduplicate(cleaned: _Cleaned, spill: Path) -> np.ndarray:
+    """Which rows survive deduplication (a bool per row), counting the others in the tally:
+    a text seen under two labels is ambiguous and every copy of it is dropped as
+    `conflicting_labels`; of the other texts the first copy is kept, later ones are
+    `duplicate`s."""
+    n, tally = cleaned.n, cleaned.tally
+    _, first, group = np.unique(cleaned.hashes, return_index=True, return_inverse=True)
+    first_code = cleaned.codes[first]
+    conflict = np.zeros(len(first), dtype=bool)
+    conflict[group[cleaned.codes != first_code[group]]] = True
+    conflicting = conflict[group]
+    kept = ~conflicting & (first[group] == np.arange(n))
+    where = np.flatnonzero(conflicting)
+    if len(where):
+        shown = _spilled_origins(spill, where[:EXAMPLES_PER_REASON])
+        for origin in shown:
             tally.drop("conflicting_labels", origin)
-        df, key = df[~conflicting], key[~conflicting]
-        dup = key.duplicated(keep="first")
-        tally.dropped["duplicate"] += int(dup.sum())
-        df = df[~dup]
-    return df.drop(columns="origin").reset_index(drop=True), tally
+        tally.dropped["conflicting_labels"] += len(where) - len(shown)
+    tally.dropped["duplicate"] += int(n - len(where) - kept.sum())
+    return kept
+
+
+def _spilled(spill: Path, column: str) -> Iterator[pa.RecordBatch]:
+    """One column of the spill, `BATCH_ROWS` rows at a time. Read without pre-buffering:
+    pyarrow would otherwise keep every batch read so far until the iteration ends."""
+    with pq.ParquetFile(spill, pre_buffer=False, buffer_size=READ_BUFFER) as table:
+        yield from table.iter_batches(batch_size=BATCH_ROWS, columns=[column])
+
+
+def _spilled_origins(spill: Path, rows: np.ndarray) -> list[str]:
+    """The origins of the spilled rows at the (ascending) positions `rows`, reading the
+    spill's origin column only as far as the last of them."""
+    found: list[str] = []
+    start = 0
+    for batch in _spilled(spill, "origin"):
+        end = start + batch.num_rows
+        inside = rows[(rows >= start) & (rows < end)] - start
+        found += batch.column(0).take(pa.array(inside)).to_pylist()
+        if len(found) == len(rows):
+            break
+        start = end
+    return found
+
+
+def _write_splits(out: Path, spill: Path, split_of: np.ndarray, ids: np.ndarray,
+                  label_names: list[str]) -> None:
+    """Pass 2: stream the spill and append each kept row to its split's Parquet file (the
+    artifacts contract's `<split>.parquet`: text, label, label_name), in source order, one row
+    group per `BATCH_ROWS` rows. `split_of[i]` is row i's split (an index into SPLITS, -1 for
+    a dropped row), `ids[i]` its label id."""
+    writers = {s: SplitWriter(out, s, label_names) for s in SPLITS}
+    texts: dict[str, list[str]] = {s: [] for s in SPLITS}
+    labels: dict[str, list[int]] = {s: [] for s in SPLITS}
+
+    def flush(split: str, n: int) -> None:
+        writers[split].write(texts[split][:n], labels[split][:n])
+        del texts[split][:n], labels[split][:n]
+
+    try:
+        start = 0
+        for batch in _spilled(spill, "text"):
+            end = start + batch.num_rows
+            where = split_of[start:end]
+            for code, split in enumerate(SPLITS):
+                rows = np.flatnonzero(where == code)
+                if not len(rows):
+                    continue
+                texts[split] += batch.column(0).take(pa.array(rows)).to_pylist()
+                labels[split] += ids[rows + start].tolist()
+                while len(texts[split]) >= BATCH_ROWS:
+                    flush(split, BATCH_ROWS)
+            start = end
+        for split in SPLITS:
+            if texts[split] or not writers[split].rows:  # an empty split still gets its file
+                flush(split, len(texts[split]))
+    finally:
+        for writer in writers.values():
+            writer.close()
+
+
+@contextlib.contextmanager
+def _spill_file(final: Path) -> Iterator[Path]:
+    """A temporary file for pass 1's rows, beside the output folder (on the disk the output
+    goes to, not in /tmp, which may be memory); removed when the stage ends, however it ends,
+    with the folders made to hold it if the stage wrote nothing into them."""
+    made = [folder for folder in (final.parent, *final.parent.parents) if not folder.exists()]
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(dir=final.parent,
+                                         prefix=f".{final.name}.spill-") as tmp:
+            yield Path(tmp) / "rows.parquet"
+    finally:
+        for folder in made:  # innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def as_written(origin: str, resolved: str, written: str) -> str:
@@ -207,22 +393,37 @@ def stratified_split(
 def run(params: Params) -> dict:
     cfg = params.prepare
     reader = Reader("prepare.source", cfg.format, cfg.text_column, cfg.label_column,
-                    cfg.timeout_s, cfg.hf_split)
-    source, fmt, rows = read_source(cfg.source, reader)
-    df, tally = clean(rows, cfg)
+                    cfg.timeout_s, cfg.hf_split, batch_rows=BATCH_ROWS)
+    source, fmt, read, stream = stream_source(cfg.source, reader)
+    with _spill_file(Path(params.paths.data)) as spill:
+        return _prepare(params, source, fmt, read, stream, spill)
+
+
+def _prepare(params: Params, source: str, fmt: str, read: Rows, stream: Iterator[Row],
+             spill: Path) -> dict:
+    cfg = params.prepare
+    cleaned = _clean_and_spill(stream, read, cfg, spill)
+    tally = cleaned.tally
+    kept = (_deduplicate(cleaned, spill) if cfg.deduplicate and cleaned.n
+            else np.ones(cleaned.n, dtype=bool))
     # report.json is hashed by DVC and read downstream: locations in it name the source as
     # params.yaml does (`pkg:...`), not where this machine installed it.
     for examples in (tally.examples, tally.skipped_examples):
         for reason, origins in examples.items():
             examples[reason] = [as_written(o, source, cfg.source) for o in origins]
 
-    counts = df["label_name"].value_counts()
+    def class_counts() -> dict[str, int]:
+        counts = np.bincount(cleaned.codes[kept], minlength=len(cleaned.classes))
+        return {name: int(n) for name, n in zip(cleaned.classes, counts, strict=True) if n}
+
+    counts = class_counts()
     # A class too small to appear in every split is usually a typo'd label ("sprot").
-    too_small = {name: int(n) for name, n in sorted(counts[counts < len(SPLITS)].items())}
+    too_small = {name: n for name, n in sorted(counts.items()) if n < len(SPLITS)}
     if too_small and cfg.on_bad_rows == "skip":
         tally.drop("rare_class", f"classes {too_small}", sum(too_small.values()))
-        df = df[~df["label_name"].isin(too_small)].reset_index(drop=True)
-        counts = df["label_name"].value_counts()
+        rare = [code for code, name in enumerate(cleaned.classes) if name in too_small]
+        kept &= ~np.isin(cleaned.codes, rare)
+        counts = class_counts()
     bad = {r: n for r, n in tally.dropped.items() if r in BAD_ROW_REASONS}
     if cfg.on_bad_rows == "error" and (bad or too_small):
         problems = describe_drops(tally, BAD_ROW_REASONS)
@@ -235,22 +436,29 @@ def run(params: Params) -> dict:
             "data, or set prepare.on_bad_rows: skip to drop them and count them in report.json"
         )
     if len(counts) < 2:
+        found = sorted(counts, key=lambda name: -counts[name])  # most examples first
         raise StageError(
-            f"{cfg.source}: needs at least 2 classes after cleaning, found {list(counts.index)}"
+            f"{cfg.source}: needs at least 2 classes after cleaning, found {found}"
             + (f" (dropped {describe_drops(tally)})" if tally.dropped else "")
         )
 
-    label_names = sorted(counts.index)
+    label_names = sorted(counts)
     label_to_id = {name: i for i, name in enumerate(label_names)}
-    df["label"] = df["label_name"].map(label_to_id).astype("int64")
-    split_idx = stratified_split(df["label"].to_numpy(), cfg, params.seed)
+    id_of_code = np.array([label_to_id.get(name, -1) for name in cleaned.classes],
+                          dtype=np.int64)
+    ids = id_of_code[cleaned.codes]  # label id per row (-1: a dropped rare class)
+    kept_rows = np.flatnonzero(kept)
+    split_idx = stratified_split(ids[kept_rows], cfg, params.seed)
+    split_of = np.full(cleaned.n, -1, dtype=np.int8)
+    for code, split in enumerate(SPLITS):
+        split_of[kept_rows[split_idx[split]]] = code
 
-    lengths = df["text"].str.len()
+    lengths = cleaned.lengths[kept_rows]
     report = {
         "source": cfg.source,
         "format": fmt,
-        "rows_read": len(rows.texts) + sum(rows.dropped.values()),
-        "rows_kept": len(df),
+        "rows_read": cleaned.rows_read,
+        "rows_kept": len(kept_rows),
         "dropped": dict(sorted(tally.dropped.items())),
         "dropped_examples": dict(sorted(tally.examples.items())),
         "dropped_classes": too_small if cfg.on_bad_rows == "skip" else {},
@@ -260,22 +468,22 @@ def run(params: Params) -> dict:
         # Class name -> the other spellings merged into it (prepare.labels_* params).
         "label_merges": tally.label_merges,
         "num_classes": len(label_names),
-        "text_chars": {"min": int(lengths.min()), "median": float(lengths.median()),
+        "text_chars": {"min": int(lengths.min()), "median": float(np.median(lengths)),
                        "max": int(lengths.max())},
         "splits": {},
     }
-    parts = {split: df.iloc[idx][["text", "label", "label_name"]].reset_index(drop=True)
-             for split, idx in split_idx.items()}
-    for split, part in parts.items():
-        per_class = part["label_name"].value_counts().sort_index()
+    for split, idx in split_idx.items():
+        per_class = np.bincount(ids[kept_rows[idx]], minlength=len(label_names))
         report["splits"][split] = {
-            "examples": len(part),
-            "per_class": {name: int(n) for name, n in per_class.items()},
+            "examples": len(idx),
+            "per_class": {name: int(n) for name, n in zip(label_names, per_class, strict=True)
+                          if n},
         }
     with atomic_dir(params.paths.data, params, "prepare") as out:
-        write_prepared(out, parts, label_names, report)
+        _write_splits(out, spill, split_of, ids, label_names)
+        write_prepared(out, {}, label_names, report)  # the splits are written: the rest
     sizes = {s: report["splits"][s]["examples"] for s in SPLITS}
-    print(f"prepare: kept {len(df)} of {report['rows_read']} rows, dropped "
+    print(f"prepare: kept {len(kept_rows)} of {report['rows_read']} rows, dropped "
           f"{report['dropped']}, splits {sizes}")
     if too_small and cfg.on_bad_rows == "skip":
         print(f"prepare: dropped classes too small to split: {too_small}")

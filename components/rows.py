@@ -3,10 +3,14 @@ that cannot be used counted by reason and location: the one reader behind `prepa
 `still predict --input`, so a bad row gets the same words in both.
 
 `Reader` says what to read and how to name settings in messages (`prepare.format` for the
-stage, `--format` for the command line). `load_rows` returns `Rows`: the raw texts and labels
-with a "file:line" origin each, plus a tally of the rows that could not even be parsed
-(malformed records, undecodable bytes, missing fields) and of folder entries not read. What
-counts as a usable text (`text_problem`) is decided here too; label rules stay in prepare.
+stage, `--format` for the command line). Every loader is a generator: it yields one raw row
+(text, label, "file:line" origin) at a time and counts in a `Rows` tally, as it goes, the rows
+that could not even be parsed (malformed records, undecodable bytes, missing fields) and the
+folder entries not read. So a reader never holds more of the source than one record, one
+Parquet batch (`Reader.batch_rows` rows) or one file of a folder: `stream_source` hands the
+rows on one by one (prepare, whose memory must not grow with the dataset), `read_source` /
+`load_rows` collect them into `Rows` lists (`still predict --input`). What counts as a usable
+text (`text_problem`) is decided here too; label rules stay in prepare.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import csv
 import io
 import json
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -45,6 +49,8 @@ class Reader:
         timeout_s: connect/read timeout of a remote source.
         hf_split: the split of an `hf:` dataset.
         option: how other settings are named in hints: `prepare.{}` or `--{}`.
+        batch_rows: how many rows of a table format (Parquet, a Hugging Face dataset) are
+            decoded at a time: what a reader holds in memory besides the current row.
     """
 
     setting: str
@@ -54,6 +60,7 @@ class Reader:
     timeout_s: float = 60.0
     hf_split: str = "train"
     option: str = "prepare.{}"
+    batch_rows: int = 10_000
 
     def name(self, key: str) -> str:
         """The user's name of a setting (`prepare.text_column`, `--text-column`)."""
@@ -83,14 +90,20 @@ FOLDER_SKIP_REASONS = {
     "private_folder": "a top-level folder named '_name' (e.g. __pycache__), not a class",
     "not_in_a_class_folder": "a file directly in the source folder, outside any class folder",
 }
-_EXAMPLES_PER_REASON = 3
+EXAMPLES_PER_REASON = 3
+# One raw row as read: (text, label, origin); the label is None when no label column is read.
+Row = tuple[object, object, str]
 _MAX_FIELD = 2**31 - 1  # Python's csv module caps fields at 128 KiB by default
+# Parquet is read page by page through a buffer this big, without pre-buffering: pyarrow
+# would otherwise hold every column chunk read so far until the file is done.
+READ_BUFFER = 1 << 20
 
 
 @dataclass
 class Rows:
     """Raw examples as loaded, plus a tally of the rows that could not even be read and of the
-    entries of a folder source that were not read."""
+    entries of a folder source that were not read. When the rows are streamed
+    (`stream_source`), the lists stay empty and only the tally is filled."""
 
     texts: list[object] = field(default_factory=list)
     labels: list[object] = field(default_factory=list)
@@ -112,7 +125,7 @@ class Rows:
 
 def _remember(examples: dict[str, list[str]], reason: str, origin: str) -> None:
     seen = examples.setdefault(reason, [])
-    if len(seen) < _EXAMPLES_PER_REASON:
+    if len(seen) < EXAMPLES_PER_REASON:
         seen.append(origin)
 
 
@@ -148,17 +161,55 @@ def read_source(written: str, cfg: Reader,
     """Resolve the source as the user wrote it (`pkg:` included), detect its format and load
     its rows; any failure is one StageError naming the source (`reading_source`). Returns the
     resolved location, the format and the rows. `formats`: the formats the caller accepts."""
+    resolved, fmt, rows, stream = stream_source(written, cfg, formats)
+    _collect(stream, rows)
+    return resolved, fmt, rows
+
+
+def stream_source(written: str, cfg: Reader, formats: tuple[str, ...] | None = None
+                  ) -> tuple[str, str, Rows, Iterator[Row]]:
+    """`read_source` without holding the rows: returns the resolved location, the format, the
+    tally and an iterator of the rows. The format is detected now; the source is opened when
+    the first row is asked for. The tally (drops, skips) fills as the rows are read and is
+    complete once the iterator is exhausted; any failure to read, then or later, is the same
+    StageError naming the source as `read_source` raises."""
     resolved = resolve_location(written)
     with reading_source(written, resolved, cfg.format, cfg):
         fmt = detect_format(resolved, cfg)
     if formats and fmt not in formats:
         raise StageError(f"{cfg.setting}={written!r} is a {fmt} source; this reads a "
                          f"{', '.join(formats)} file")
+    tally = Rows()
+    return resolved, fmt, tally, _guarded(iter_rows(resolved, fmt, cfg, tally), written,
+                                          resolved, fmt, cfg)
+
+
+def _guarded(rows: Iterator[Row], written: str, resolved: str, fmt: str,
+             cfg: Reader) -> Iterator[Row]:
+    """`rows` with every failure inside the reader turned into `reading_source`'s StageError
+    (an error raised by whoever consumes the rows is not the reader's and passes unchanged)."""
     with reading_source(written, resolved, fmt, cfg):
-        return resolved, fmt, load_rows(resolved, fmt, cfg)
+        yield from rows
 
 
 def load_rows(source: str, fmt: str, cfg: Reader) -> Rows:
+    """Every row of `source` (a resolved location in format `fmt`) in `Rows` lists."""
+    rows = Rows()
+    _collect(iter_rows(source, fmt, cfg, rows), rows)
+    return rows
+
+
+def _collect(stream: Iterable[Row], rows: Rows) -> None:
+    for text, label, origin in stream:
+        rows.texts.append(text)
+        rows.labels.append(label)
+        rows.origins.append(origin)
+
+
+def iter_rows(source: str, fmt: str, cfg: Reader, tally: Rows) -> Iterator[Row]:
+    """The rows of `source` one at a time, each row that cannot be read counted in `tally`.
+    A source that yields no row at all is a StageError (after the last record is read, so the
+    message can say what was dropped or skipped instead)."""
     loader = {
         "csv": _load_delimited,
         "tsv": _load_delimited,
@@ -167,12 +218,14 @@ def load_rows(source: str, fmt: str, cfg: Reader) -> Rows:
         "folder": _load_folder,
         "hf": _load_hf,
     }[fmt]
-    rows = loader(source, fmt, cfg)
-    if not rows.texts:
-        problems = "; ".join(filter(None, [describe_drops(rows), describe_skips(rows)]))
+    n = 0
+    for row in loader(source, fmt, cfg, tally):
+        n += 1
+        yield row
+    if not n:
+        problems = "; ".join(filter(None, [describe_drops(tally), describe_skips(tally)]))
         raise StageError(f"{cfg.setting}={source!r}: no readable rows"
                          + (f" ({problems})" if problems else ""))
-    return rows
 
 
 @contextlib.contextmanager
@@ -273,7 +326,7 @@ class _Lines:
         self._back.extend(reversed(taken))
 
 
-def _load_delimited(source: str, fmt: str, cfg: Reader) -> Rows:
+def _load_delimited(source: str, fmt: str, cfg: Reader, rows: Rows) -> Iterator[Row]:
     """CSV/TSV through the csv module, record by record, so every bad record is counted with
     its line number (pandas' readers silently swallow some, e.g. an unterminated quote or a
     field over the csv module's 128 KiB limit).
@@ -283,7 +336,6 @@ def _load_delimited(source: str, fmt: str, cfg: Reader) -> Rows:
     first line, and the lines after that are parsed again, so each physical line ends up in a
     kept record or a counted one. A record that parses into the wrong number of fields is
     dropped whole, with its line span."""
-    rows = Rows()
     csv.field_size_limit(_MAX_FIELD)
     with _open(source, cfg) as fh:
         # Undecodable bytes become lone surrogates (U+DC80..U+DCFF), which clean() counts as
@@ -321,26 +373,26 @@ def _load_delimited(source: str, fmt: str, cfg: Reader) -> Rows:
                 rows.drop("malformed", f"{origin} ({len(record)} fields, header has "
                                        f"{len(header)})")
                 continue
-            rows.texts.append(record[ti])
-            rows.labels.append(record[li] if li is not None else None)
-            rows.origins.append(origin)
-    return rows
+            yield record[ti], (record[li] if li is not None else None), origin
 
 
-def _load_table(source: str, fmt: str, cfg: Reader) -> Rows:
-    """Parquet through pyarrow, values as Python objects: an integer label column with nulls
-    stays integers and None (pandas would turn it into floats and NaN)."""
+def _load_table(source: str, fmt: str, cfg: Reader, rows: Rows) -> Iterator[Row]:
+    """Parquet through pyarrow, `cfg.batch_rows` rows at a time, page by page (`READ_BUFFER`)
+    and only the text and label columns, values as Python objects: an integer label column
+    with nulls stays integers and None (pandas would turn it into floats and NaN)."""
     import pyarrow.parquet as pq
 
-    rows = Rows()
     with _open(source, cfg) as fh:
-        table = pq.read_table(fh)
-    _require_columns(table.column_names, cfg, source)
-    rows.texts = table.column(cfg.text_column).to_pylist()
-    rows.labels = (table.column(cfg.label_column).to_pylist() if cfg.label_column
-                   else [None] * table.num_rows)
-    rows.origins = [f"{source}:row {i + 1}" for i in range(table.num_rows)]
-    return rows
+        table = pq.ParquetFile(fh, pre_buffer=False, buffer_size=READ_BUFFER)
+        _require_columns(table.schema_arrow.names, cfg, source)
+        n = 0
+        for batch in table.iter_batches(batch_size=cfg.batch_rows, columns=list(cfg.columns)):
+            texts = batch.column(cfg.text_column).to_pylist()
+            labels = (batch.column(cfg.label_column).to_pylist() if cfg.label_column
+                      else [None] * len(texts))
+            for text, label in zip(texts, labels, strict=True):
+                n += 1
+                yield text, label, f"{source}:row {n}"
 
 
 def _json_object(line: str, cfg: Reader) -> dict | str:
@@ -372,9 +424,10 @@ class _RepeatedKey(ValueError):
     pass
 
 
-def _load_jsonl(source: str, fmt: str, cfg: Reader) -> Rows:
-    rows = Rows()
+def _load_jsonl(source: str, fmt: str, cfg: Reader, rows: Rows) -> Iterator[Row]:
+    """One JSON object per line, read line by line."""
     seen_columns: set[str] = set()
+    n = 0
     with _open(source, cfg) as fh:
         for lineno, raw in enumerate(fh, start=1):
             if not raw.strip():
@@ -393,12 +446,11 @@ def _load_jsonl(source: str, fmt: str, cfg: Reader) -> Rows:
             if any(c not in record for c in cfg.columns):
                 rows.drop("missing_field", origin)
                 continue
-            rows.texts.append(record[cfg.text_column])
-            rows.labels.append(record[cfg.label_column] if cfg.label_column else None)
-            rows.origins.append(origin)
-    if not rows.texts and seen_columns:
+            n += 1
+            yield (record[cfg.text_column],
+                   record[cfg.label_column] if cfg.label_column else None, origin)
+    if not n and seen_columns:
         _require_columns(sorted(seen_columns), cfg, source)
-    return rows
 
 
 def _walk_remote(fs, root: str) -> Listing:
@@ -416,8 +468,9 @@ def _walk_remote(fs, root: str) -> Listing:
     return listing
 
 
-def _load_folder(source: str, fmt: str, cfg: Reader) -> Rows:
-    """One sub-folder per class (its name is the label), one UTF-8 text file per example.
+def _load_folder(source: str, fmt: str, cfg: Reader, rows: Rows) -> Iterator[Row]:
+    """One sub-folder per class (its name is the label), one UTF-8 text file per example, read
+    file by file.
 
     The walk never leaves the source folder and never reads hidden entries
     (`common.walk_local`); folders named `_name` at the top (e.g. `__pycache__` in a packaged
@@ -431,7 +484,6 @@ def _load_folder(source: str, fmt: str, cfg: Reader) -> Rows:
     read: Callable[[object], bytes] = (
         (lambda path: Path(path).read_bytes()) if local else fs.cat_file)
     base = source.rstrip("/")
-    rows = Rows()
     private = {name for name in (PurePosixPath(entry).name for entry in
                                  fs.ls(root, detail=False) if fs.isdir(entry))
                if name.startswith("_")}
@@ -458,9 +510,7 @@ def _load_folder(source: str, fmt: str, cfg: Reader) -> Rows:
         except UnicodeDecodeError:
             rows.drop("not_utf8", origin)
             continue
-        rows.texts.append(text)
-        rows.labels.append(top)
-        rows.origins.append(origin)
+        yield text, top, origin
     for name in sorted(private):
         rows.skip("private_folder", f"{base}/{name}")
     if not n_files:
@@ -468,10 +518,11 @@ def _load_folder(source: str, fmt: str, cfg: Reader) -> Rows:
         raise StageError(f"{source}: no files in class sub-folders (one sub-folder per class, "
                          "one text file per example)" + (f"; skipped {skipped}" if skipped
                                                          else ""))
-    return rows
 
 
-def _load_hf(source: str, fmt: str, cfg: Reader) -> Rows:
+def _load_hf(source: str, fmt: str, cfg: Reader, rows: Rows) -> Iterator[Row]:
+    """A Hugging Face dataset split (memory-mapped Arrow on disk), `cfg.batch_rows` rows at a
+    time; a ClassLabel column gives its class names."""
     try:
         import datasets
     except ImportError:
@@ -481,16 +532,18 @@ def _load_hf(source: str, fmt: str, cfg: Reader) -> Rows:
     name = source.removeprefix("hf:")
     ds = datasets.load_dataset(name, split=cfg.hf_split)
     _require_columns(ds.column_names, cfg, source)
-    texts = list(ds[cfg.text_column])
-    if cfg.label_column:
-        names = getattr(ds.features[cfg.label_column], "names", None)
-        labels = ds[cfg.label_column]
-        labels = [names[i] for i in labels] if names else list(labels)
-    else:
-        labels = [None] * len(texts)
-    rows = Rows(texts=texts, labels=labels)
-    rows.origins = [f"{source}[{cfg.hf_split}]:{i}" for i in range(len(ds))]
-    return rows
+    names = (getattr(ds.features[cfg.label_column], "names", None) if cfg.label_column
+             else None)
+    for start in range(0, len(ds), cfg.batch_rows):
+        batch = ds[start : start + cfg.batch_rows]
+        texts = list(batch[cfg.text_column])
+        if cfg.label_column:
+            labels = batch[cfg.label_column]
+            labels = [names[i] for i in labels] if names else list(labels)
+        else:
+            labels = [None] * len(texts)
+        for i, (text, label) in enumerate(zip(texts, labels, strict=True), start=start):
+            yield text, label, f"{source}[{cfg.hf_split}]:{i}"
 
 
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from components.artifacts import load_label_names, load_split
+from components.artifacts import iter_split_texts, load_label_names, load_split_labels
 from components.common import StageError, atomic_dir, stage_main, write_json
 from components.config import Params
 from components.hub import load_tokenizer, loading, model_path
 from components.models.teacher import predict_outputs, with_head
-from components.textdata import EncodedDataset, TextDataModule, encode, pad_id
+from components.textdata import EncodedDataset, TextDataModule, encode_batches, pad_id
 from components.training import ClassifierModule, configure_torch, cross_entropy, fit
 
 
@@ -62,9 +62,10 @@ def run(params: Params) -> dict:
     path = model_path(cfg.model)
     hf_tok = load_tokenizer(cfg.model)
     backend, pad = hf_tok.backend_tokenizer, pad_id(hf_tok.backend_tokenizer)
-    frames = {s: load_split(params.paths, s) for s in ("train", "validation")}
-    ids = {s: encode(backend, frames[s]["text"], cfg.max_length) for s in frames}
-    labels = {s: frames[s]["label"].to_numpy() for s in frames}
+    # Streamed batch by batch: memory holds int32 token ids, not the split's texts.
+    labels = {s: load_split_labels(params.paths, s) for s in ("train", "validation")}
+    ids = {s: encode_batches(backend, iter_split_texts(params.paths, s), cfg.max_length)
+           for s in labels}
 
     fix = "point teacher.model at an intact Hugging Face model folder (re-download it)"
     with loading(f"teacher.model={cfg.model!r}: {path}/config.json", fix):

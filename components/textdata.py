@@ -7,7 +7,8 @@ there is one encoding path for training, export parity and evaluation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -17,13 +18,90 @@ from torch.utils.data import DataLoader, Dataset
 
 from components.graphio import configured, pad_arrays, pad_id
 
-__all__ = ["Collator", "EncodedDataset", "TextDataModule", "batches", "configured", "encode",
-           "pad_batch", "pad_id", "text_windows"]
+__all__ = ["Collator", "EncodedDataset", "Stacked", "TextDataModule", "TokenIds", "batches",
+           "configured", "encode", "encode_batches", "pad_batch", "pad_id", "text_windows"]
+
+ENCODE_BATCH = 4096  # texts per encode_batch call: the Encoding objects of one call live at once
 
 
-def encode(tokenizer: Tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids of a whole split in one call (configures a copy: not for per-batch loops)."""
-    return [e.ids for e in configured(tokenizer, max_length).encode_batch(list(texts))]
+class TokenIds(Sequence):
+    """The token ids of many texts as one flat int32 array and int64 offsets: 4 bytes per
+    token, where a list of Python int lists costs about 40. `ids[i]` is text i's ids (an int32
+    view), `ids[a:b]` a TokenIds of those texts."""
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray):
+        if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(flat):
+            raise ValueError("offsets must start at 0 and end at len(flat)")
+        self.flat = np.ascontiguousarray(flat, dtype=np.int32)
+        self.offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+
+    @classmethod
+    def from_lists(cls, ids: Iterable[Sequence[int]]) -> TokenIds:
+        arrays = [np.asarray(x, dtype=np.int32) for x in ids]
+        return cls.concat_arrays(arrays)
+
+    @classmethod
+    def concat_arrays(cls, arrays: Sequence[np.ndarray]) -> TokenIds:
+        lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        flat = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
+        return cls(flat.astype(np.int32, copy=False), offsets)
+
+    @classmethod
+    def concat(cls, parts: Sequence[TokenIds]) -> TokenIds:
+        flat = np.concatenate([p.flat for p in parts]) if parts else np.zeros(0, np.int32)
+        offsets, base = [np.zeros(1, np.int64)], 0
+        for p in parts:
+            offsets.append(p.offsets[1:] + base)
+            base += len(p.flat)
+        return cls(flat, np.concatenate(offsets))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                raise IndexError("TokenIds slices must be contiguous")
+            stop = max(start, stop)
+            lo, hi = self.offsets[start], self.offsets[stop]
+            return TokenIds(self.flat[lo:hi], self.offsets[start:stop + 1] - lo)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.flat[self.offsets[i]:self.offsets[i + 1]]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def tolist(self) -> list[list[int]]:
+        return [self[i].tolist() for i in range(len(self))]
+
+    def digest(self, h: hashlib._Hash) -> None:
+        """Feed the ids into a hash (what `training.params_hash` checks a checkpoint against)."""
+        h.update(self.offsets.tobytes())
+        h.update(self.flat.tobytes())
+
+
+def encode_batches(tokenizer: Tokenizer, texts: Iterable[Sequence[str]],
+                   max_length: int) -> TokenIds:
+    """Token ids of texts that arrive in batches (e.g. a Parquet split read batch by batch),
+    truncated at `max_length`: memory holds the ids, never all the texts or their Encodings."""
+    tok = configured(tokenizer, max_length)  # one copy for the whole stream
+    arrays: list[np.ndarray] = []
+    for batch in texts:
+        batch = list(batch)
+        for start in range(0, len(batch), ENCODE_BATCH):
+            arrays.extend(np.asarray(e.ids, dtype=np.int32)
+                          for e in tok.encode_batch(batch[start:start + ENCODE_BATCH]))
+    return TokenIds.concat_arrays(arrays)
+
+
+def encode(tokenizer: Tokenizer, texts: Sequence[str], max_length: int) -> TokenIds:
+    """Token ids of a whole split (configures a copy: not for per-batch loops)."""
+    return encode_batches(tokenizer, [texts], max_length)
 
 
 def text_windows(texts: Sequence[str], words: int, stride: int,
@@ -50,18 +128,44 @@ def pad_batch(ids: Sequence[Sequence[int]], pad: int,
     return torch.from_numpy(input_ids), torch.from_numpy(mask)
 
 
+class Stacked:
+    """Row-aligned arrays (e.g. memory-mapped teacher outputs of the train split and of the
+    training windows) read as one, without concatenating them in memory."""
+
+    def __init__(self, parts: Sequence[np.ndarray]):
+        self.parts = list(parts)
+        self.ends = np.cumsum([len(p) for p in self.parts])
+        self.shape = (int(self.ends[-1]) if len(self.ends) else 0, *self.parts[0].shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        part = int(np.searchsorted(self.ends, i, side="right"))
+        return self.parts[part][i - (self.ends[part - 1] if part else 0)]
+
+
+def chunks(values, rows: int = 65536) -> Iterator[np.ndarray]:
+    """`values` (an array, a memory map or a `Stacked`) in contiguous row chunks."""
+    for part in getattr(values, "parts", [values]):
+        for start in range(0, len(part), rows):
+            yield np.ascontiguousarray(part[start:start + rows])
+
+
 class EncodedDataset(Dataset):
     """Encoded examples, labels and optional per-example targets (e.g. `teacher_logits`,
-    `teacher_pooled`, `teacher_layers` from the teacher cache), batched under their keys."""
+    `teacher_layers` from the teacher cache), batched under their keys. The ids are a `TokenIds`
+    (or lists), the targets arrays, memory maps or `Stacked` maps: each item is read when a
+    batch asks for it, so nothing here is copied per example up front."""
 
-    def __init__(self, ids: list[list[int]], labels: np.ndarray,
+    def __init__(self, ids: Sequence[Sequence[int]], labels: np.ndarray,
                  targets: dict[str, np.ndarray] | None = None):
         self.targets = targets or {}
         for key, values in self.targets.items():
             if len(values) != len(ids):
                 raise ValueError(
                     f"{len(values)} cached {key} for {len(ids)} examples: the teacher outputs "
-                    "are stale, rerun the teacher stage (dvc repro teacher)"
+                    "are stale, rerun the label stage (dvc repro label)"
                 )
         self.ids, self.labels = ids, labels
 
@@ -107,7 +211,7 @@ class TextDataModule(pl.LightningDataModule):
         return DataLoader(self.val, batch_size=self.eval_batch_size, collate_fn=self.collate)
 
 
-def batches(ids: list[list[int]], batch_size: int, pad: int, min_length: int = 1):
+def batches(ids: Sequence[Sequence[int]], batch_size: int, pad: int, min_length: int = 1):
     """Yield padded (input_ids, attention_mask) batches in order, for inference."""
     for start in range(0, len(ids), batch_size):
         yield pad_batch(ids[start : start + batch_size], pad, min_length)

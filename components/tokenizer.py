@@ -21,6 +21,8 @@ Run: `python -m components.tokenizer` (or `dvc repro tokenizer`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
 import numpy as np
 from tokenizers import (
     Regex,
@@ -33,7 +35,7 @@ from tokenizers import (
     trainers,
 )
 
-from components.artifacts import TOKENIZER_FILE, load_split
+from components.artifacts import TOKENIZER_FILE, iter_split_texts, load_split_labels
 from components.common import atomic_dir, stage_main, write_json
 from components.config import SPECIAL_TOKENS, Params
 from components.config import Tokenizer as TokenizerConfig
@@ -43,6 +45,18 @@ from components.report import markdown_table
 
 PAD, UNK, CLS, SEP = SPECIAL_TOKENS[:4]
 CURVE_FILE = "curve.json"  # DVC plot data: vocabulary size vs text covered, and the teacher
+ENCODE_BATCH = 2048  # texts encoded per call: their Encodings (ids, offsets, strings) live at once
+
+# Texts as a list, or as a function that streams them in batches (a split read from Parquet
+# batch by batch, again for every pass: memory never holds the whole split).
+Texts = Sequence[str] | Callable[[], Iterable[list[str]]]
+
+
+def text_batches(texts: Texts, size: int = ENCODE_BATCH) -> Iterator[list[str]]:
+    """`texts` in batches of at most `size`."""
+    for batch in (texts() if callable(texts) else [texts]):
+        for start in range(0, len(batch), size):
+            yield list(batch[start:start + size])
 
 
 def build(cfg_type: str, vocab_size: int, min_frequency: int, lowercase: bool):
@@ -82,10 +96,13 @@ def build(cfg_type: str, vocab_size: int, min_frequency: int, lowercase: bool):
     return tok, trainer
 
 
-def train(texts: list[str], cfg_type: str, vocab_size: int, min_frequency: int = 2,
+def train(texts: Texts, cfg_type: str, vocab_size: int, min_frequency: int = 2,
           lowercase: bool = True) -> Tokenizer:
     tok, trainer = build(cfg_type, vocab_size, min_frequency, lowercase)
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    # Batches of texts: `tokenizers` counts words as they arrive, so memory holds the word
+    # counts, not the corpus.
+    tok.train_from_iterator(text_batches(texts), trainer=trainer,
+                            length=None if callable(texts) else len(texts))
     cls_id, sep_id = tok.token_to_id(CLS), tok.token_to_id(SEP)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",
@@ -94,10 +111,19 @@ def train(texts: list[str], cfg_type: str, vocab_size: int, min_frequency: int =
     return tok
 
 
-def token_stats(encodings, unk_id: int | None) -> dict[str, float]:
-    lengths = np.array([len(e.ids) for e in encodings])
+def token_lengths(tok: Tokenizer, texts: Texts, unk_id: int | None) -> tuple[np.ndarray, int]:
+    """Tokens per text (untruncated unless `tok` truncates) and the number of unknown tokens."""
+    lengths, unk = [], 0
+    for batch in text_batches(texts):
+        for enc in tok.encode_batch(batch):
+            lengths.append(len(enc.ids))
+            if unk_id is not None:
+                unk += enc.ids.count(unk_id)
+    return np.asarray(lengths, dtype=np.int64), unk
+
+
+def token_stats(lengths: np.ndarray, unk: int) -> dict[str, float]:
     total = int(lengths.sum())
-    unk = sum(e.ids.count(unk_id) for e in encodings) if unk_id is not None else 0
     return {
         "tokens_per_example": float(lengths.mean()),
         "tokens_per_example_p95": float(np.percentile(lengths, 95)),
@@ -105,40 +131,47 @@ def token_stats(encodings, unk_id: int | None) -> dict[str, float]:
     }
 
 
-def chars_covered(tok: Tokenizer, texts: list[str], max_length: int) -> np.ndarray:
+def chars_covered(tok: Tokenizer, texts: Texts, max_length: int) -> np.ndarray:
     """Per text, how many of its characters the model sees at `max_length`: the end offset of
     the last text token kept when `tok` truncates as the models do ([CLS]/[SEP] count towards
     `max_length`), in characters of the source text (0 for a text without tokens)."""
+    truncating = configured(tok, max_length)
     covered = []
-    for enc in configured(tok, max_length).encode_batch(texts):
-        ends = [end for (_, end), special in zip(enc.offsets, enc.special_tokens_mask,
-                                                 strict=True) if not special]
-        covered.append(max(ends, default=0))
+    for batch in text_batches(texts):
+        for enc in truncating.encode_batch(batch):
+            ends = [end for (_, end), special in zip(enc.offsets, enc.special_tokens_mask,
+                                                     strict=True) if not special]
+            covered.append(max(ends, default=0))
     return np.array(covered)
 
 
-def coverage(tok: Tokenizer, texts: list[str], max_length: int) -> dict[str, float]:
+def coverage(tok: Tokenizer, texts: Texts, max_length: int) -> dict[str, float]:
     """Mean tokens per example (untruncated, [CLS]/[SEP] included) and mean characters covered
     within `max_length` tokens (`chars_covered`). `tok` must not truncate by itself."""
     return {
-        "tokens_per_example": float(np.mean([len(e.ids) for e in tok.encode_batch(texts)])),
+        "tokens_per_example": float(token_lengths(tok, texts, None)[0].mean()),
         "chars_covered": float(chars_covered(tok, texts, max_length).mean()),
     }
 
 
-def cost_curve(train_texts: list[str], eval_texts: list[str], cfg: TokenizerConfig,
-               max_length: int, trained: dict[int, Tokenizer] | None = None) -> list[dict]:
+def cost_curve(train_texts: Texts, eval_texts: Texts, cfg: TokenizerConfig, max_length: int,
+               trained: dict[int, tuple[Tokenizer, dict[str, float]]] | None = None
+               ) -> list[dict]:
     """One row per `cfg.curve_vocab_sizes` entry, ascending: a tokenizer like `cfg`'s trained on
     `train_texts` at that size (`vocab_size` is what training reached: it stops early when no
     pair is frequent enough), measured on `eval_texts` by `coverage`. `trained` maps sizes to
-    tokenizers already trained with `cfg`, reused instead of training again."""
+    tokenizers already trained with `cfg` and their `coverage`, reused instead of training and
+    measuring again."""
     trained = trained or {}
     rows = []
     for size in sorted(cfg.curve_vocab_sizes):
-        tok = trained[size] if size in trained else train(
-            train_texts, cfg.type, size, cfg.min_frequency, cfg.lowercase)
+        if size in trained:
+            tok, measured = trained[size]
+        else:
+            tok = train(train_texts, cfg.type, size, cfg.min_frequency, cfg.lowercase)
+            measured = coverage(tok, eval_texts, max_length)
         rows.append({"requested_vocab_size": size, "vocab_size": tok.get_vocab_size(),
-                     **coverage(tok, eval_texts, max_length)})
+                     **measured})
     return rows
 
 
@@ -183,25 +216,35 @@ def teacher_tokenizer(params: Params) -> Tokenizer:
 
 def run(params: Params) -> dict:
     cfg, max_length = params.tokenizer, params.distill.max_length
-    train_texts = load_split(params.paths, "train")["text"].tolist()
-    eval_texts = load_split(params.paths, "validation")["text"].tolist()
+    paths = params.paths
+    # Both splits are streamed from Parquet once per pass: memory holds a batch of texts.
+    # Checked before any work, as every stage checks them: the splits against the label map.
+    for split in ("train", "validation"):
+        load_split_labels(paths, split)
+
+    def train_texts():
+        return iter_split_texts(paths, "train")
+
+    def eval_texts():
+        return iter_split_texts(paths, "validation")
 
     tok = train(train_texts, cfg.type, cfg.vocab_size, cfg.min_frequency, cfg.lowercase)
     teacher = teacher_tokenizer(params)
     teacher.no_truncation()
     teacher.no_padding()
 
-    encodings = tok.encode_batch(eval_texts)
-    ours = token_stats(encodings, tok.token_to_id(UNK))
-    theirs = token_stats(teacher.encode_batch(eval_texts), teacher.token_to_id(UNK))
+    lengths, unk = token_lengths(tok, eval_texts, tok.token_to_id(UNK))
+    ours = token_stats(lengths, unk)
+    theirs = token_stats(*token_lengths(teacher, eval_texts, teacher.token_to_id(UNK)))
     teacher_row = {
         "vocab_size": teacher.get_vocab_size(),
         "tokens_per_example": theirs["tokens_per_example"],
         "chars_covered": float(chars_covered(teacher, eval_texts, max_length).mean()),
     }
     own_chars = float(chars_covered(tok, eval_texts, max_length).mean())
+    own = {"tokens_per_example": ours["tokens_per_example"], "chars_covered": own_chars}
     curve = [versus_teacher(row, teacher_row) for row in
-             cost_curve(train_texts, eval_texts, cfg, max_length, {cfg.vocab_size: tok})]
+             cost_curve(train_texts, eval_texts, cfg, max_length, {cfg.vocab_size: (tok, own)})]
     metrics = {
         "type": cfg.type,
         "vocab_size": tok.get_vocab_size(),
@@ -212,9 +255,7 @@ def run(params: Params) -> dict:
         "teacher_tokens_per_example": theirs["tokens_per_example"],
         "teacher_unk_rate": theirs["unk_rate"],
         "tokens_ratio_vs_teacher": ours["tokens_per_example"] / theirs["tokens_per_example"],
-        "fraction_truncated_at_student_max_length": float(
-            np.mean([len(e.ids) > max_length for e in encodings])
-        ),
+        "fraction_truncated_at_student_max_length": float(np.mean(lengths > max_length)),
         "chars_covered": own_chars,
         "teacher_chars_covered": teacher_row["chars_covered"],
         "chars_covered_ratio_vs_teacher": _ratio(own_chars, teacher_row["chars_covered"]),

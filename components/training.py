@@ -171,14 +171,20 @@ def params_hash(params: Params, stage: str, epochs: int, module: nn.Module | Non
         for name, tensor in module.state_dict().items():
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    from components.textdata import chunks
+
     for split in ("train", "val"):
         dataset = getattr(data, split, None)
         if hasattr(dataset, "ids") and hasattr(dataset, "labels"):
-            h.update(json.dumps(dataset.ids).encode())
+            if hasattr(dataset.ids, "digest"):  # textdata.TokenIds
+                dataset.ids.digest(h)
+            else:
+                h.update(json.dumps([list(map(int, x)) for x in dataset.ids]).encode())
             h.update(np.ascontiguousarray(dataset.labels).tobytes())
             for key, values in sorted(getattr(dataset, "targets", {}).items()):
                 h.update(key.encode())
-                h.update(np.ascontiguousarray(values).tobytes())
+                for chunk in chunks(values):  # memory maps are read a chunk at a time
+                    h.update(chunk.tobytes())
     return h.hexdigest()
 
 

@@ -61,7 +61,12 @@ TIMEOUT_S = 300
 def distill_cli(project: Path, raw: dict, student: str) -> str:
     """Write `raw` (with `paths.student` = `student`) as the project's params.yaml and run
     `python -m components.distill` there; return everything every process printed."""
-    raw = apply_overrides(raw, {"paths.student": student})
+    return stage_cli(project, apply_overrides(raw, {"paths.student": student}), "distill")
+
+
+def stage_cli(project: Path, raw: dict, stage: str) -> str:
+    """Write `raw` as the project's params.yaml and run `python -m components.<stage>` there;
+    return everything every process printed."""
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     # This checkout's code whatever the working folder; rank 1 inherits the environment.
     pythonpath = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
@@ -69,7 +74,7 @@ def distill_cli(project: Path, raw: dict, student: str) -> str:
            "PYTHONUNBUFFERED": "1"}
     # Its own session, so that a hung run can be stopped with the process Lightning started
     # for rank 1. Reading the pipes to the end also waits for rank 1, which inherited them.
-    proc = subprocess.Popen([sys.executable, "-m", "components.distill"], cwd=project, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", f"components.{stage}"], cwd=project, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -77,8 +82,8 @@ def distill_cli(project: Path, raw: dict, student: str) -> str:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        pytest.fail(f"distill did not finish in {TIMEOUT_S} s:\n{out[-3000:]}")
-    assert proc.returncode == 0, f"distill failed:\n{out[-5000:]}"
+        pytest.fail(f"{stage} did not finish in {TIMEOUT_S} s:\n{out[-3000:]}")
+    assert proc.returncode == 0, f"{stage} failed:\n{out[-5000:]}"
     return out
 
 
@@ -90,7 +95,8 @@ def recomputed_metrics(student: Path, params) -> dict[str, float]:
     tok = Tokenizer.from_file(str(student / "tokenizer.json"))
     frame = load_split(params.paths, "validation")
     labels = torch.tensor(frame["label"].to_numpy())
-    teacher_logits = torch.as_tensor(load_teacher_outputs(params.paths)["validation_logits"])
+    cached = load_teacher_outputs(params.paths)["validation_logits"]
+    teacher_logits = torch.as_tensor(np.array(cached))
     ids = encode(tok, frame["text"], params.distill.max_length)
     with torch.no_grad():
         logits = torch.cat([model(i, m) for i, m in batches(ids, 7, pad_id(tok),
@@ -149,3 +155,42 @@ def test_ddp_on_two_cpu_processes_writes_one_student_like_a_single_process(
         assert abs(metrics["ddp"][key] - metrics["single"][key]) <= tolerance + 1e-9, report
     # Both learnt the task (chance is 1/3).
     assert metrics["ddp"]["val_accuracy"] > 0.9 and metrics["single"]["val_accuracy"] > 0.9
+
+
+def test_teacher_caching_on_two_cpu_processes_equals_one_process(
+        tmp_path, dataset_csv, tiny_teacher):
+    """The label stage through Lightning's predict loop with ddp on 2 CPU processes (gloo)
+    writes the same cache as one process, byte for byte: each process runs whole batches of
+    the same rows, padded the same way, and rank 0 puts them back in order. 33 validation
+    examples in batches of 8 give 5 batches: rank 0 runs 3 of them, rank 1 two."""
+    project = tmp_path / "project"
+    project.mkdir()
+    raw = tiny_raw_params(None, dataset_csv, tiny_teacher, **{
+        "prepare.validation_fraction": VALIDATION_FRACTION, "teacher.eval_batch_size": 8,
+        "distill.windows.enabled": True, "distill.windows.words": 4,
+        "distill.windows.stride": 3, "distill.windows.max_per_text": 2})
+    params = validate({**raw, "paths": {k: str(project / v) for k, v in raw["paths"].items()}})
+    for stage in (prepare, teacher):
+        stage.run(params)
+    single_raw = apply_overrides(raw, {"paths.teacher_outputs": "artifacts/outputs-single"})
+    ddp_raw = apply_overrides(raw, {"paths.teacher_outputs": "artifacts/outputs-ddp",
+                                    "trainer.strategy": "ddp", "trainer.devices": 2,
+                                    "trainer.accelerator": "cpu"})
+    single_out = stage_cli(project, single_raw, "label")
+    ddp_out = stage_cli(project, ddp_raw, "label")
+
+    assert "distributed_backend=gloo" in ddp_out and "GLOBAL_RANK: 1, MEMBER: 2/2" in ddp_out
+    assert ddp_out.count("label: done in") == 1 and single_out.count("label: done in") == 1
+    single, ddp = project / "artifacts/outputs-single", project / "artifacts/outputs-ddp"
+    names = sorted(p.name for p in single.iterdir())
+    assert sorted(p.name for p in ddp.iterdir()) == names
+    assert {"train.logits.npy", "windows.layers.npy", "windows.parquet"} <= set(names)
+    assert not [p.name for p in (project / "artifacts").iterdir() if p.name.startswith(".")]
+    for name in names:
+        if name != "params.json":  # says which trainer params each run had
+            assert (single / name).read_bytes() == (ddp / name).read_bytes(), name
+    cache = load_teacher_outputs(validate(apply_overrides(params.to_dict(), {
+        "paths.teacher_outputs": str(ddp)})).paths)
+    assert len(cache["validation_logits"]) == 33
+    assert len(cache["windows_logits"]) == json.loads((ddp / "metrics.json").read_text())[
+        "windows"] > 0

@@ -26,11 +26,13 @@ from tokenizers import Tokenizer
 
 from components.artifacts import (
     TOKENIZER_FILE,
+    iter_parquet,
+    iter_split_texts,
     load_label_names,
-    load_split,
+    load_split_labels,
     load_teacher_outputs,
     load_tokenizer,
-    load_windows,
+    windows_path,
 )
 from components.common import StageError, atomic_dir, reading, stage_main, write_json
 from components.config import Params, layer_map_problem, teacher_layer_count
@@ -42,7 +44,14 @@ from components.models.student import (
     save,
     spread_layers,
 )
-from components.textdata import EncodedDataset, TextDataModule, encode, pad_id
+from components.textdata import (
+    EncodedDataset,
+    Stacked,
+    TextDataModule,
+    TokenIds,
+    encode_batches,
+    pad_id,
+)
 from components.training import ClassifierModule, configure_torch, fit
 
 
@@ -88,31 +97,46 @@ def build_loss(params: Params, student_hidden: int, teacher_hidden: int):
 
 def teacher_targets(teacher: dict[str, np.ndarray], name: str,
                     features: bool) -> dict[str, np.ndarray]:
-    """The cached teacher outputs a student trains against, for a split or "windows"."""
+    """The cached teacher outputs a student trains against, for a split or "windows"
+    (memory maps: an example's row is read when a batch needs it)."""
     targets = {"teacher_logits": teacher[f"{name}_logits"]}
     if features:
         targets["teacher_layers"] = teacher[f"{name}_layers"]
     return targets
 
 
-def with_windows(params: Params, train: tuple, teacher: dict[str, np.ndarray],
-                 features: bool) -> tuple:
+def encode_split(params: Params, tok: Tokenizer, split: str) -> tuple[TokenIds, np.ndarray]:
+    """A split's token ids and labels, read batch by batch: memory holds int32 ids, never the
+    texts of the whole split."""
+    labels = load_split_labels(params.paths, split)
+    ids = encode_batches(tok, iter_split_texts(params.paths, split), params.distill.max_length)
+    return ids, labels
+
+
+def with_windows(params: Params, tok: Tokenizer, train: tuple,
+                 teacher: dict[str, np.ndarray], features: bool) -> tuple:
     """The training examples followed by the training windows the label stage labelled."""
-    windows = load_windows(params.paths)
-    if windows is None or "windows_logits" not in teacher:
+    path = windows_path(params.paths)
+    if path is None or "windows_logits" not in teacher:
         raise StageError(
             f"distill.windows.enabled is true but {params.paths.teacher_outputs} holds no "
             "labelled windows: rerun the label stage (dvc repro label)")
-    texts, labels, targets = train
+    what = "the labelled training windows"
+    fix = "rerun the label stage (dvc repro -f label)"
+    labels = [f["label"].to_numpy() for f in iter_parquet(path, ["label"], what, fix)]
+    labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
     extra = teacher_targets(teacher, "windows", features)
-    if len(windows) != len(extra["teacher_logits"]):
+    if len(labels) != len(extra["teacher_logits"]):
         raise StageError(
-            f"{params.paths.teacher_outputs}: {len(windows)} windows but "
+            f"{params.paths.teacher_outputs}: {len(labels)} windows but "
             f"{len(extra['teacher_logits'])} cached teacher outputs; rerun the label stage "
             "(dvc repro -f label)")
-    return (texts + windows["text"].tolist(),
-            np.concatenate([labels, windows["label"].to_numpy()]),
-            {k: np.concatenate([v, extra[k]]) for k, v in targets.items()})
+    ids = encode_batches(tok, (f["text"].tolist() for f in iter_parquet(path, ["text"], what,
+                                                                       fix)),
+                         params.distill.max_length)
+    train_ids, train_labels, targets = train
+    return (TokenIds.concat([train_ids, ids]), np.concatenate([train_labels, labels]),
+            {k: Stacked([v, extra[k]]) for k, v in targets.items()})
 
 
 def check_layer_map(params: Params, teacher_layers: int | None) -> None:
@@ -140,13 +164,12 @@ def run(params: Params) -> dict:
     features = bool(cfg.feature.pooled_weight or cfg.feature.hidden_weight)
     data = {}
     for split in ("train", "validation"):
-        frame = load_split(params.paths, split)
-        data[split] = (frame["text"].tolist(), frame["label"].to_numpy(),
-                       teacher_targets(teacher, split, features))
+        ids, y = encode_split(params, tok, split)
+        data[split] = (ids, y, teacher_targets(teacher, split, features))
     if cfg.windows.enabled:
-        data["train"] = with_windows(params, data["train"], teacher, features)
-    data = {split: EncodedDataset(encode(tok, texts, cfg.max_length), y, targets)
-            for split, (texts, y, targets) in data.items()}
+        data["train"] = with_windows(params, tok, data["train"], teacher, features)
+    data = {split: EncodedDataset(ids, y, targets)
+            for split, (ids, y, targets) in data.items()}
 
     model = build_student(params, tok.get_vocab_size(), len(labels), pad)
     loss = build_loss(params, model.cfg.hidden, teacher["train_layers"].shape[-1])

@@ -45,11 +45,11 @@ def test_stage_dying_mid_write_leaves_lock_and_previous_outputs(repo):
     lock, before = (repo / "dvc.lock").read_bytes(), snapshot(data)
     stage = repo / "components/artifacts.py"  # prepare writes its files through it
     original = stage.read_text()
-    write = 'frame.to_parquet(out / f"{split}.parquet", index=False)'
+    write = '        self._writer.write_table(table)\n'
     assert write in original
     # Fault injection in this temp copy only: the process dies after train.parquet is written.
-    stage.write_text(original.replace(write, write + '\n        if split == "validation":'
-                                      '\n            raise MemoryError("injected fault")'))
+    stage.write_text(original.replace(write, write + '        if self.split == "validation":'
+                                      '\n            raise MemoryError("injected fault")\n'))
     try:
         proc = subprocess.run([*DVC, "repro", "prepare"], cwd=repo, env=dvc_env(),
                               capture_output=True, text=True)

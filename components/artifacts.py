@@ -196,6 +196,14 @@ def iter_parquet(path: Path, columns: list[str], what: str, fix: str = _DAMAGED,
         yield batch.to_pandas()
 
 
+def read_labels(path: Path, what: str, fix: str = _DAMAGED) -> np.ndarray:
+    """The int64 `label` column of a Parquet file (e.g. the training windows), read batch by
+    batch (8 bytes per row held). Unchecked: a prepared split goes through
+    `load_split_labels`, which checks it against the label map."""
+    parts = [f["label"].to_numpy() for f in iter_parquet(path, ["label"], what, fix)]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
 def iter_split_texts(paths: Paths, split: str,
                      batch_rows: int = BATCH_ROWS) -> Iterator[list[str]]:
     """The texts of a prepared split in batches, in order (labels: `load_split_labels`)."""

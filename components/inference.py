@@ -2,8 +2,8 @@
 
 `cache_outputs` runs a model's `features()` (logits and mean-pooled layers) over Parquet files
 of texts and writes them batch by batch into `.npy` files (`artifacts.NpyWriter`): memory holds
-one batch of texts and outputs, whatever the number of texts. The Trainer is built from
-`params.trainer` exactly as training builds it, so `devices`/`strategy`/`num_nodes` (ddp on
+one batch of texts and outputs, whatever the number of texts. The Trainer comes from
+`training.lightning_trainer`, as training's does, so `devices`/`strategy`/`num_nodes` (ddp on
 CPUs or GPUs, torchrun, SLURM) split the work across processes the same way.
 
 How the work is split: every source is cut into batches of `batch_size` consecutive rows,
@@ -29,7 +29,6 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, IterableDataset
 
 from components.artifacts import (
@@ -43,6 +42,7 @@ from components.common import StageError
 from components.config import Params
 from components.graphio import configured
 from components.textdata import pad_batch
+from components.training import leave_process_group, lightning_trainer
 
 # Lightning warns about any IterableDataset with a __len__ in case several loader workers
 # duplicate it; this one runs in the main process and its length is exact.
@@ -165,9 +165,8 @@ def shard_name(file: str, rank: int) -> str:
     return file.replace(".npy", f".rank{rank}.npy")
 
 
-def _interleave(work: Path, out: Path, file: str, rows: int, batch_size: int,
-                world: int) -> None:
-    """The shards of `file` (batch b in shard b % world) into `out/file` in row order."""
+def _interleave(work: Path, file: str, rows: int, batch_size: int, world: int) -> None:
+    """The shards of `file` (batch b in shard b % world) into `work/file` in row order."""
     readers = []
     for rank in range(world):
         fh = open(work / shard_name(file, rank), "rb")  # noqa: SIM115 (closed below)
@@ -175,7 +174,7 @@ def _interleave(work: Path, out: Path, file: str, rows: int, batch_size: int,
         shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
         readers.append(fh)
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-    writer = NpyWriter(out / file, (rows, *shape[1:]), dtype)
+    writer = NpyWriter(work / file, (rows, *shape[1:]), dtype)
     try:
         for b, n in enumerate(_batch_rows(rows, batch_size)):
             block = readers[b % world].read(n * row_bytes)
@@ -188,20 +187,6 @@ def _interleave(work: Path, out: Path, file: str, rows: int, batch_size: int,
         (work / shard_name(file, rank)).unlink()
 
 
-def predict_trainer(params: Params, callbacks: list[pl.Callback]) -> pl.Trainer:
-    t = params.trainer
-    try:
-        return pl.Trainer(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
-                          num_nodes=t.num_nodes, precision=t.precision, logger=False,
-                          enable_checkpointing=False, enable_model_summary=False,
-                          callbacks=callbacks, deterministic=True)
-    except (ValueError, TypeError, MisconfigurationException) as err:
-        raise StageError(
-            f"trainer params (accelerator={t.accelerator!r}, devices={t.devices!r}, "
-            f"strategy={t.strategy!r}, num_nodes={t.num_nodes}, precision={t.precision!r}) "
-            f"are not usable here: {err}") from None
-
-
 def cache_outputs(model: torch.nn.Module, tokenizer, sources: list[Source], params: Params,
                   work: Path, num_labels: int, layers: tuple[int, int], max_length: int,
                   batch_size: int, pad: int, progress: str, layers_dtype=LAYERS_DTYPE) -> None:
@@ -211,7 +196,9 @@ def cache_outputs(model: torch.nn.Module, tokenizer, sources: list[Source], para
     shards (rank 0 prepares it before calling). `layers_dtype`: float16 (the cache's format)
     or float32 (a full-precision reference, benchmarks/fp16_cache.py)."""
     writer = _ShardWriter(work, sources, batch_size, num_labels, layers, layers_dtype)
-    trainer = predict_trainer(params, [writer, _Progress(progress)])
+    trainer = lightning_trainer(params, logger=False, enable_checkpointing=False,
+                                enable_model_summary=False,
+                                callbacks=[writer, _Progress(progress)])
     data = {"sources": sources, "tokenizer": tokenizer, "max_length": max_length,
             "batch_size": batch_size, "pad": pad}
     model.eval()
@@ -219,14 +206,13 @@ def cache_outputs(model: torch.nn.Module, tokenizer, sources: list[Source], para
     world = trainer.world_size
     if not trainer.is_global_zero:
         raise SystemExit(0)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # rank 0 goes on alone (see training.fit)
+    leave_process_group()
     for s in sources:
         for file in outputs_files(s.name):
             if world == 1:
                 os.replace(work / shard_name(file, 0), work / file)
             else:
-                _interleave(work, work, file, s.count(), batch_size, world)
+                _interleave(work, file, s.count(), batch_size, world)
 
 
 class _Progress(TQDMProgressBar):

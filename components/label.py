@@ -38,11 +38,11 @@ from components.artifacts import (
     OUTPUTS_INDEX,
     SPLITS,
     WINDOWS_FILE,
-    iter_parquet,
     iter_split_texts,
     load_label_names,
     load_split_labels,
     outputs_files,
+    read_labels,
     split_path,
     write_outputs_index,
 )
@@ -56,10 +56,10 @@ WINDOWS_SCHEMA = pa.schema([("text", pa.string()), ("source", pa.int64()),
                             ("label", pa.int64())])
 
 
-def write_windows(params: Params, train_labels: np.ndarray, path: Path) -> int:
+def write_windows(params: Params, train_labels: np.ndarray, path: Path) -> None:
     """The training windows (`textdata.text_windows`) into `path`, batch by batch: text, the
-    row of the train split it comes from, that row's label. Returns how many."""
-    win, count, row = params.distill.windows, 0, 0
+    row of the train split it comes from, that row's label."""
+    win, row = params.distill.windows, 0
     with pq.ParquetWriter(path, WINDOWS_SCHEMA) as writer:
         for texts in iter_split_texts(params.paths, "train"):
             windows, source = text_windows(texts, win.words, win.stride, win.max_per_text)
@@ -68,9 +68,7 @@ def write_windows(params: Params, train_labels: np.ndarray, path: Path) -> int:
                                          "source": source,
                                          "label": train_labels[source]},
                                         schema=WINDOWS_SCHEMA))
-            count += len(windows)
             row += len(texts)
-    return count
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -126,8 +124,7 @@ def run(params: Params, layers_dtype=LAYERS_DTYPE) -> dict:
         logits = np.load(work / outputs_files(s)[0], mmap_mode="r")
         metrics[f"{s}_accuracy"] = accuracy(logits, labels[s])
     if win.enabled:
-        window_labels = np.concatenate([f["label"].to_numpy() for f in iter_parquet(
-            windows_file, ["label"], "the training windows")] or [np.zeros(0, np.int64)])
+        window_labels = read_labels(windows_file, "the training windows")
         logits = np.load(work / outputs_files("windows")[0], mmap_mode="r")
         if len(window_labels):
             metrics["windows_label_agreement"] = accuracy(logits, window_labels)

@@ -36,11 +36,6 @@ class TokenIds(Sequence):
         self.offsets = np.ascontiguousarray(offsets, dtype=np.int64)
 
     @classmethod
-    def from_lists(cls, ids: Iterable[Sequence[int]]) -> TokenIds:
-        arrays = [np.asarray(x, dtype=np.int32) for x in ids]
-        return cls.concat_arrays(arrays)
-
-    @classmethod
     def concat_arrays(cls, arrays: Sequence[np.ndarray]) -> TokenIds:
         lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -72,12 +67,6 @@ class TokenIds(Sequence):
         if not 0 <= i < len(self):
             raise IndexError(i)
         return self.flat[self.offsets[i]:self.offsets[i + 1]]
-
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    def tolist(self) -> list[list[int]]:
-        return [self[i].tolist() for i in range(len(self))]
 
     def digest(self, h: hashlib._Hash) -> None:
         """Feed the ids into a hash (what `training.params_hash` checks a checkpoint against)."""

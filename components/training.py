@@ -33,6 +33,7 @@ from torch import nn
 from components import tracking
 from components.common import StageError
 from components.config import Params
+from components.textdata import chunks
 
 
 class _NoPromotionalTips(logging.Filter):
@@ -171,8 +172,6 @@ def params_hash(params: Params, stage: str, epochs: int, module: nn.Module | Non
         for name, tensor in module.state_dict().items():
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    from components.textdata import chunks
-
     for split in ("train", "val"):
         dataset = getattr(data, split, None)
         if hasattr(dataset, "ids") and hasattr(dataset, "labels"):
@@ -218,6 +217,31 @@ def resume_checkpoint(checkpoint_dir: Path, digest: str) -> Path | None:
     return None
 
 
+def lightning_trainer(params: Params, **settings) -> pl.Trainer:
+    """A deterministic Trainer on `params.trainer`'s accelerator, devices, strategy, num_nodes
+    and precision, plus `settings`: the one place training and teacher caching
+    (`components.inference`) build theirs, so both scale out the same way. Values Lightning
+    refuses here become one StageError naming them."""
+    t = params.trainer
+    try:
+        return pl.Trainer(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+                          num_nodes=t.num_nodes, precision=t.precision, deterministic=True,
+                          **settings)
+    except (ValueError, TypeError, MisconfigurationException) as err:
+        raise StageError(
+            f"trainer params (accelerator={t.accelerator!r}, devices={t.devices!r}, "
+            f"strategy={t.strategy!r}, num_nodes={t.num_nodes}, precision={t.precision!r}) "
+            f"are not usable here: {err}") from None
+
+
+def leave_process_group() -> None:
+    """After a multi-process loop the other ranks exit and rank 0 goes on alone: it leaves the
+    process group first, so Lightning does not mistake it for a distributed run and nothing
+    waits on a collective that never comes."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def fit(module: ClassifierModule, data: pl.LightningDataModule, params: Params, stage: str,
         epochs: int, checkpoint_dir: str | Path, patience: int | None = None,
         callbacks: Sequence[pl.Callback] = ()) -> dict[str, float]:
@@ -239,27 +263,15 @@ def fit(module: ClassifierModule, data: pl.LightningDataModule, params: Params, 
                  *callbacks]
     if patience:
         callbacks.append(EarlyStopping(monitor="val/loss", mode="min", patience=patience))
-    t = params.trainer
-    try:
-        trainer = pl.Trainer(
-            max_epochs=epochs,
-            accelerator=t.accelerator,
-            devices=t.devices,
-            strategy=t.strategy,
-            num_nodes=t.num_nodes,
-            precision=t.precision,
-            deterministic=True,
-            logger=tracking.lightning_logger(params, stage),
-            callbacks=callbacks,
-            log_every_n_steps=10,
-            enable_model_summary=False,
-            default_root_dir=str(checkpoint_dir),
-        )
-    except (ValueError, TypeError, MisconfigurationException) as err:
-        raise StageError(
-            f"trainer params (accelerator={t.accelerator!r}, devices={t.devices!r}, "
-            f"strategy={t.strategy!r}, num_nodes={t.num_nodes}, precision={t.precision!r}) "
-            f"are not usable here: {err}") from None
+    trainer = lightning_trainer(
+        params,
+        max_epochs=epochs,
+        logger=tracking.lightning_logger(params, stage),
+        callbacks=callbacks,
+        log_every_n_steps=10,
+        enable_model_summary=False,
+        default_root_dir=str(checkpoint_dir),
+    )
     module.train()  # HF from_pretrained returns eval mode; Lightning keeps the mode it is given
     if resume is not None:
         print(f"{stage}: resuming from {resume} (a previous run with the same params stopped)")
@@ -291,8 +303,7 @@ def _final_validator(trainer: pl.Trainer, params: Params) -> pl.Trainer:
     """
     if trainer.world_size == 1:
         return trainer
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    leave_process_group()
     t = params.trainer
     return pl.Trainer(accelerator=t.accelerator, devices=1, num_nodes=1, precision=t.precision,
                       deterministic=True, logger=False, enable_checkpointing=False,

@@ -32,6 +32,7 @@ from components.artifacts import (
     load_split_labels,
     load_teacher_outputs,
     load_tokenizer,
+    read_labels,
     windows_path,
 )
 from components.common import StageError, atomic_dir, reading, stage_main, write_json
@@ -123,8 +124,7 @@ def with_windows(params: Params, tok: Tokenizer, train: tuple,
             "labelled windows: rerun the label stage (dvc repro label)")
     what = "the labelled training windows"
     fix = "rerun the label stage (dvc repro -f label)"
-    labels = [f["label"].to_numpy() for f in iter_parquet(path, ["label"], what, fix)]
-    labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    labels = read_labels(path, what, fix)
     extra = teacher_targets(teacher, "windows", features)
     if len(labels) != len(extra["teacher_logits"]):
         raise StageError(

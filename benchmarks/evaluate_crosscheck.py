@@ -1,13 +1,22 @@
 """Cross-check of the evaluate stage's timing: the same exported ONNX files, timed by a separate,
-minimal loop, side by side in one run, with the ratios evaluate wrote printed beside them.
+minimal loop, side by side in one run, with the figures evaluate wrote printed beside them.
 
-The loop shares no timing code with evaluate: it reads the test split with pandas, tokenises
-with `tokenizers` directly (truncation at the stage's max_length, no padding), pads with numpy,
-builds its own ONNX Runtime sessions (intra-op threads = `evaluate.num_threads`, inter-op 1,
-sequential) and times model calls only (padded arrays in, logits out) at
-`evaluate.throughput_batch_size`, round-robin over `--rounds` rounds so machine noise hits every
-model alike; the median round is kept. For each student/teacher pair it prints the throughput
-ratio measured here and the one in `paths.results/metrics.json`; they should agree within
+The loop shares no timing code with evaluate: it reads the test split with pandas, builds its
+own ONNX Runtime sessions (intra-op threads = `evaluate.num_threads`, inter-op 1, sequential,
+spinning off as everywhere in still) and times, at `evaluate.throughput_batch_size`,
+round-robin over `--rounds` rounds (median kept):
+- *model time*: padded arrays in, logits out;
+- *end to end*: text in, logits out, each batch tokenised (`graphio.Encoder`, the one encoder
+  every part of still uses, pre-cut included) and run in turn, as a caller does. evaluate
+  instead times tokenisation per encoder in its own loop and adds the model time: if that sum
+  hides an interaction between tokenising and running (a thread pool still spinning), the two
+  end-to-end figures part;
+- *the shipped bundle*: `load_bundle(...).predict` in this process and `still predict --input`
+  as a user runs it (a CSV of the test texts; its own texts/s line), beside evaluate's end-to-end
+  figure and its deployed-path figure for the same graph.
+
+It prints each figure beside evaluate's and, for each student/teacher pair, the ratio here and
+in `paths.results/metrics.json`, model time and end to end; they should agree within
 `--tolerance` (15%). Exit status 1 when one does not.
 
 `--ort-optimize` also times copies of the FP32 graphs passed through ONNX Runtime's
@@ -15,13 +24,16 @@ transformer optimizer (BERT fusions), to decide `export.ort_optimize` on this ma
 
 Needs a finished pipeline (`dvc repro`).
 
-    python benchmarks/evaluate_crosscheck.py [--rounds 5] [--ort-optimize]
+    python benchmarks/evaluate_crosscheck.py [--rounds 5] [--ort-optimize] [--no-bundle]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,33 +45,17 @@ import pandas as pd
 from tokenizers import Tokenizer
 
 from components.config import load_params
+from components.graphio import Encoder, pin_tokenizer_threads
 
 FILES = {  # system name -> (ONNX file, tokenizer file, side) inside paths.export
     "teacher_onnx": ("teacher.onnx", "teacher.tokenizer.json", "teacher"),
     "teacher_onnx_int8": ("teacher.int8.onnx", "teacher.tokenizer.json", "teacher"),
+    "teacher_onnx_static_int8": ("teacher.static_int8.onnx", "teacher.tokenizer.json",
+                                 "teacher"),
     "student_onnx": ("model.onnx", "tokenizer.json", "student"),
     "student_onnx_int8": ("model.int8.onnx", "tokenizer.json", "student"),
+    "student_onnx_static_int8": ("model.static_int8.onnx", "tokenizer.json", "student"),
 }
-
-
-def batches(tokenizer_file: Path, texts: list[str], max_length: int, batch_size: int,
-            min_length: int) -> list[dict[str, np.ndarray]]:
-    tok = Tokenizer.from_file(str(tokenizer_file))
-    tok.no_padding()
-    tok.enable_truncation(max_length)
-    pad = next((tok.token_to_id(t) for t in ("[PAD]", "<pad>") if tok.token_to_id(t) is not None),
-               0)
-    ids = [e.ids for e in tok.encode_batch(texts)]
-    out = []
-    for i in range(0, len(ids), batch_size):
-        chunk = ids[i : i + batch_size]
-        width = max(min_length, max(len(x) for x in chunk))
-        arr = np.full((len(chunk), width), pad, dtype=np.int64)
-        mask = np.zeros_like(arr)
-        for j, x in enumerate(chunk):
-            arr[j, : len(x)], mask[j, : len(x)] = x, 1
-        out.append({"input_ids": arr, "attention_mask": mask})
-    return out
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
@@ -67,6 +63,7 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -82,6 +79,29 @@ def optimized_copy(src: Path, dst: Path, heads: int, hidden: int) -> Path:
     return dst
 
 
+def feeds(encoder: Encoder, chunks: list[list[str]]) -> list[dict[str, np.ndarray]]:
+    return [dict(zip(("input_ids", "attention_mask"), encoder.arrays(c), strict=True))
+            for c in chunks]
+
+
+def still_predict(bundle: Path, texts: list[str], threads: int) -> float:
+    """texts/s that `still predict --input` reports for a CSV of `texts` (its own timer: from
+    the first read to the last line written)."""
+    with tempfile.TemporaryDirectory(prefix="still-crosscheck-") as tmp:
+        src, out = Path(tmp) / "texts.csv", Path(tmp) / "preds.jsonl"
+        pd.DataFrame({"text": texts}).to_csv(src, index=False)
+        still = Path(sys.executable).with_name("still")
+        proc = subprocess.run([str(still), "predict", "--bundle", str(bundle), "--input",
+                               str(src), "--output", str(out), "--threads", str(threads)],
+                              capture_output=True, text=True, env={**os.environ})
+        if proc.returncode:
+            raise SystemExit(f"still predict failed: {proc.stderr.strip()[-800:]}")
+        found = re.search(r"\(([\d.]+) texts/s\)", proc.stderr)
+        if not found:
+            raise SystemExit(f"still predict printed no texts/s line: {proc.stderr[-800:]}")
+        return float(found.group(1))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,75 +109,130 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tolerance", type=float, default=0.15)
     parser.add_argument("--ort-optimize", action="store_true")
+    parser.add_argument("--no-bundle", action="store_true",
+                        help="skip the shipped bundle's predict (no ship stage run yet)")
     args = parser.parse_args()
 
     params = load_params(args.params)
     cfg = params.evaluate
+    pin_tokenizer_threads(cfg.num_threads)
     export = Path(params.paths.export)
-    evaluated = json.loads((Path(params.paths.results) / "metrics.json").read_text())["systems"]
+    metrics = json.loads((Path(params.paths.results) / "metrics.json").read_text())
+    evaluated = metrics["systems"]
     texts = pd.read_parquet(Path(params.paths.data) / "test.parquet")["text"].tolist()
+    bs = cfg.throughput_batch_size
+    chunks = [texts[i : i + bs] for i in range(0, len(texts), bs)]
     min_tokens = json.loads((export / "metrics.json").read_text()).get("min_tokens", 1)
     lengths = {"teacher": params.teacher.max_length, "student": params.distill.max_length}
     t_cfg = json.loads((Path(params.paths.teacher) / "config.json").read_text())
     s_cfg = json.loads((Path(params.paths.student) / "config.json").read_text())
     shapes = {"teacher": (t_cfg["num_attention_heads"], t_cfg["hidden_size"]),
               "student": (s_cfg["heads"], s_cfg["hidden"])}
+    encoders = {side: Encoder(Tokenizer.from_file(str(export / tok)), lengths[side],
+                              min_tokens if side == "student" else 1)
+                for side, tok in (("teacher", "teacher.tokenizer.json"),
+                                  ("student", "tokenizer.json"))}
 
     models = {}
     scratch = tempfile.TemporaryDirectory(prefix="still-crosscheck-")
-    for name, (onnx_file, tok_file, side) in FILES.items():
+    for name, (onnx_file, _, side) in FILES.items():
         if not (export / onnx_file).is_file():
             print(f"{name}: {export / onnx_file} missing, left out")
             continue
-        feeds = batches(export / tok_file, texts, lengths[side], cfg.throughput_batch_size,
-                        min_tokens if side == "student" else 1)
-        models[name] = (session(export / onnx_file, cfg.num_threads), feeds, side)
+        padded = feeds(encoders[side], chunks)
+        models[name] = (session(export / onnx_file, cfg.num_threads), padded, side)
         if args.ort_optimize and not onnx_file.endswith("int8.onnx"):
             opt = optimized_copy(export / onnx_file, Path(scratch.name) / f"opt-{onnx_file}",
                                  *shapes[side])
-            models[f"{name}_ortopt"] = (session(opt, cfg.num_threads), feeds, side)
+            models[f"{name}_ortopt"] = (session(opt, cfg.num_threads), padded, side)
 
-    for sess, feeds, _ in models.values():  # warm-up
-        for feed in feeds[:2]:
+    for sess, padded, side in models.values():  # warm-up
+        for feed, chunk in zip(padded[:2], chunks[:2], strict=False):
             sess.run(None, feed)
-    rates: dict[str, list[float]] = {name: [] for name in models}
+            encoders[side].arrays(chunk)
+    model_rates: dict[str, list[float]] = {name: [] for name in models}
+    e2e_rates: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(args.rounds):
-        for name, (sess, feeds, _) in models.items():
+        for name, (sess, padded, side) in models.items():
             start = time.perf_counter()
-            for feed in feeds:
+            for feed in padded:
                 sess.run(None, feed)
-            rates[name].append(len(texts) / (time.perf_counter() - start))
-    here = {name: float(np.median(r)) for name, r in rates.items()}
+            model_rates[name].append(len(texts) / (time.perf_counter() - start))
+            enc = encoders[side]
+            start = time.perf_counter()
+            for chunk in chunks:  # text in, logits out, batch after batch
+                ids, mask = enc.arrays(chunk)
+                sess.run(None, {"input_ids": ids, "attention_mask": mask})
+            e2e_rates[name].append(len(texts) / (time.perf_counter() - start))
+    here = {name: float(np.median(r)) for name, r in model_rates.items()}
+    here_e2e = {name: float(np.median(r)) for name, r in e2e_rates.items()}
 
-    print(f"\n{len(texts)} test examples, batch {cfg.throughput_batch_size}, "
-          f"{cfg.num_threads} threads, {args.rounds} rounds round-robin (median), model time")
-    print(f"{'system':<26}{'here ex/s':>12}{'evaluate ex/s':>15}{'here/evaluate':>15}")
-    for name, rate in here.items():
-        ev = evaluated.get(name, {}).get("model_throughput_per_s")
-        print(f"{name:<26}{rate:>12.1f}" + (f"{ev:>15.1f}{rate / ev:>15.2f}" if ev else
-                                            f"{'-':>15}{'-':>15}"))
-    print(f"\n{'ratio (model time)':<44}{'here':>8}{'evaluate':>10}{'agree':>8}")
+    print(f"\n{len(texts)} test examples, batch {bs}, {cfg.num_threads} threads, "
+          f"{args.rounds} rounds round-robin (median)")
+    print(f"{'system':<28}{'model here':>11}{'evaluate':>10}{'here/ev':>9}"
+          f"{'e2e here':>11}{'evaluate':>10}{'here/ev':>9}")
     ok = True
-    students = [n for n in here if models[n][2] == "student"]
-    teachers = [n for n in here if models[n][2] == "teacher"]
-    for s in students:
-        for t in teachers:
-            ratio = here[s] / here[t]
-            ev_s, ev_t = evaluated.get(s, {}), evaluated.get(t, {})
-            if "model_throughput_per_s" in ev_s and "model_throughput_per_s" in ev_t:
-                ev = ev_s["model_throughput_per_s"] / ev_t["model_throughput_per_s"]
-                agree = abs(ratio / ev - 1) <= args.tolerance
-                ok &= agree
-                print(f"{s + ' / ' + t:<44}{ratio:>8.2f}{ev:>10.2f}"
-                      f"{'yes' if agree else 'NO':>8}")
-            else:
-                print(f"{s + ' / ' + t:<44}{ratio:>8.2f}{'-':>10}{'-':>8}")
+    for name in here:
+        ev = evaluated.get(name, {})
+        cells = []
+        for key, value in (("model_throughput_per_s", here[name]),
+                           ("throughput_per_s", here_e2e[name])):
+            cells.append(f"{value:>11.1f}")
+            cells.append(f"{ev[key]:>10.1f}{value / ev[key]:>9.2f}" if ev.get(key)
+                         else f"{'-':>10}{'-':>9}")
+        print(f"{name:<28}" + "".join(cells))
+
+    for label, measured, key in (("model time", here, "model_throughput_per_s"),
+                                 ("end to end", here_e2e, "throughput_per_s")):
+        print(f"\n{'ratio (' + label + ')':<52}{'here':>8}{'evaluate':>10}{'agree':>8}")
+        students = [n for n in measured if models[n][2] == "student"]
+        teachers = [n for n in measured if models[n][2] == "teacher"]
+        for s in students:
+            for t in teachers:
+                ratio = measured[s] / measured[t]
+                ev_s, ev_t = evaluated.get(s, {}), evaluated.get(t, {})
+                if key in ev_s and key in ev_t:
+                    ev = ev_s[key] / ev_t[key]
+                    agree = abs(ratio / ev - 1) <= args.tolerance
+                    ok &= agree
+                    print(f"{s + ' / ' + t:<52}{ratio:>8.2f}{ev:>10.2f}"
+                          f"{'yes' if agree else 'NO':>8}")
+                else:
+                    print(f"{s + ' / ' + t:<52}{ratio:>8.2f}{'-':>10}{'-':>8}")
     for name in here:
         if name.endswith("_ortopt"):
             base = name.removesuffix("_ortopt")
             print(f"ORT transformer optimizer, {base}: {here[name] / here[base]:.2f}x "
                   "(optimized / plain)")
     scratch.cleanup()
+
+    if not args.no_bundle:
+        from components.bundle import load_bundle
+
+        bundle_dir = Path(params.paths.bundle)
+        bundle = load_bundle(bundle_dir, threads=cfg.num_threads)
+        shipped = bundle.model_name
+        bundle.predict(texts[:bs])  # warm-up
+        rates = []
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            bundle.predict(texts)
+            rates.append(len(texts) / (time.perf_counter() - start))
+        in_process = float(np.median(rates))
+        cli = still_predict(bundle_dir, texts, cfg.num_threads)
+        ev = evaluated[shipped]["throughput_per_s"]
+        deployed = (metrics.get("deployed") or {}).get("student") or {}
+        print(f"\nthe shipped bundle ({shipped}), texts/s        here  vs evaluate e2e "
+              f"{ev:.1f}  agree")
+        for label, rate in (("load_bundle(...).predict", in_process),
+                            ("still predict --input (CSV, own timer)", cli)):
+            agree = abs(rate / ev - 1) <= args.tolerance
+            ok &= agree
+            print(f"{label:<44}{rate:>8.1f}{rate / ev:>16.2f}{'yes' if agree else 'NO':>7}")
+        if deployed:
+            print(f"{'evaluate deployed path (bundle Predictor)':<44}"
+                  f"{deployed['throughput_per_s']:>8.1f}"
+                  f"{deployed['throughput_per_s'] / ev:>16.2f}")
     print("\nagreement within "
           f"{100 * args.tolerance:.0f}%: {'yes' if ok else 'NO'}")
     return 0 if ok else 1

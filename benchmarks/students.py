@@ -17,13 +17,16 @@ dynamic INT8, static INT8 when `export.static_int8` is on), written under `--out
 already there with exactly the same resolved params is reused; `--retrain` redoes it). The
 teacher's graphs come from one export of the pipeline's teacher in the same run.
 
-Measured, per graph: test accuracy with a seeded 95% bootstrap interval, the difference to the
-best teacher runtime's accuracy, model throughput (padded test batches in, logits out; ONNX
-Runtime, batch `--batch-size`, `evaluate.num_threads` threads; median of `--rounds`
-round-robin rounds so machine noise hits every graph alike), the ratio to the fastest teacher
-graph measured in the same rounds, GFLOPs per example (`components/flops.py`, real tokens) and
-file size. `*` marks the Pareto front (no other graph both faster and more accurate); the last
-lines name the fastest graph within `--max-drop` points of the teacher.
+Measured, per graph: validation and test accuracy with seeded 95% bootstrap intervals, the
+differences to the best teacher graph's accuracy, model throughput (padded test batches in,
+logits out; ONNX Runtime, batch `--batch-size`, `evaluate.num_threads` threads; median of
+`--rounds` round-robin rounds so machine noise hits every graph alike), the ratio to the best
+teacher graph measured in the same rounds, GFLOPs per example (`components/flops.py`, real
+tokens) and file size. Every choice is made on validation: the best teacher graph (the fastest
+within the validation interval of the most accurate teacher graph), the Pareto front (`*`: no
+other graph both faster and at least as accurate on validation) and the last line, the fastest
+student graph within `--max-drop` points of the best teacher graph on validation; test is
+printed beside it, and reports the choice once.
 
 Needs the default pipeline's prepare, tokenizer, teacher and label stages (`dvc repro label`);
 the windows are labelled here once (into `--out/label`) when the pipeline's cache has none.
@@ -162,23 +165,33 @@ def train_and_export(params, name: str, overrides: dict, out: Path, cache: str,
     return p, d, train_s
 
 
+def _feeds(tokenizer, texts: list[str], max_length: int, min_tokens: int,
+           batch_size: int) -> list[dict[str, np.ndarray]]:
+    ids = encode(tokenizer, texts, max_length)
+    feeds = []
+    for i in range(0, len(ids), batch_size):
+        x, m = pad_batch(ids[i:i + batch_size], pad_id(tokenizer), min_tokens)
+        feeds.append({"input_ids": x.numpy(), "attention_mask": m.numpy()})
+    return feeds
+
+
 class Graph:
-    """One ONNX graph on the pre-tokenised test split: its predictions and timings."""
+    """One ONNX graph: its predictions on the validation split (what chooses) and on the
+    pre-tokenised test split (what is reported, and what is timed)."""
 
     def __init__(self, name: str, side: str, path: Path, tokenizer, max_length: int,
-                 min_tokens: int, flops: float, texts: list[str], batch_size: int,
-                 threads: int):
+                 min_tokens: int, flops: float, splits: dict[str, list[str]],
+                 batch_size: int, threads: int):
         self.name, self.side, self.path, self.gflops = name, side, path, flops / 1e9
-        ids = encode(tokenizer, texts, max_length)
-        self.feeds = []
-        for i in range(0, len(ids), batch_size):
-            x, m = pad_batch(ids[i:i + batch_size], pad_id(tokenizer), min_tokens)
-            self.feeds.append({"input_ids": x.numpy(), "attention_mask": m.numpy()})
         self.session = ort_session(path, threads)
-        self.preds = np.concatenate([self.session.run(["logits"], f)[0]
-                                     for f in self.feeds]).argmax(-1)
+        self.preds = {}
+        for split, texts in splits.items():
+            feeds = _feeds(tokenizer, texts, max_length, min_tokens, batch_size)
+            self.preds[split] = np.concatenate([self.session.run(["logits"], f)[0]
+                                                for f in feeds]).argmax(-1)
+            if split == "test":
+                self.feeds, self.n = feeds, len(texts)
         self.seconds: list[float] = []
-        self.n = len(ids)
 
     def time_round(self) -> None:
         self.session.run(["logits"], self.feeds[0])  # warm-up after the previous graph
@@ -192,13 +205,14 @@ class Graph:
         return self.n / float(np.median(self.seconds))
 
 
-def student_graphs(p, name: str, test: list[str], args, threads: int) -> list[Graph]:
+def student_graphs(p, name: str, splits: dict[str, list[str]], args,
+                   threads: int) -> list[Graph]:
     from tokenizers import Tokenizer
 
     model = student_io.load(p.paths.student)
     cfg = model.cfg
     tok = Tokenizer.from_file(str(Path(p.paths.student) / TOKENIZER_FILE))
-    ids = encode(tok, test, cfg.max_length)
+    ids = encode(tok, splits["test"], cfg.max_length)
     merge = {layer: cfg.merge_r for layer in cfg.merging_layers()}
     flops = float(np.mean([encoder_flops(len(x), cfg.layers, cfg.hidden, cfg.intermediate,
                                          cfg.num_labels, merge) for x in ids]))
@@ -206,25 +220,25 @@ def student_graphs(p, name: str, test: list[str], args, threads: int) -> list[Gr
     for path in sorted(Path(p.paths.export).glob("model*.onnx")):
         form = path.name.removeprefix("model").removesuffix(".onnx").strip(".") or "fp32"
         graphs.append(Graph(f"{name}/{form}", "student", path, tok, cfg.max_length,
-                            cfg.min_tokens(), flops, test, args.batch_size, threads))
+                            cfg.min_tokens(), flops, splits, args.batch_size, threads))
     return graphs
 
 
-def teacher_graphs(p, test: list[str], args, threads: int) -> list[Graph]:
+def teacher_graphs(p, splits: dict[str, list[str]], args, threads: int) -> list[Graph]:
     from tokenizers import Tokenizer
     from transformers import AutoConfig
 
     export_dir = Path(p.paths.export)
     tok = Tokenizer.from_file(str(export_dir / "teacher.tokenizer.json"))
     c = AutoConfig.from_pretrained(p.paths.teacher)
-    ids = encode(tok, test, p.teacher.max_length)
+    ids = encode(tok, splits["test"], p.teacher.max_length)
     flops = float(np.mean([encoder_flops(len(x), c.num_hidden_layers, c.hidden_size,
                                          c.intermediate_size, c.num_labels) for x in ids]))
     graphs = []
     for path in sorted(export_dir.glob("teacher*.onnx")):
         form = path.name.removeprefix("teacher").removesuffix(".onnx").strip(".") or "fp32"
         graphs.append(Graph(f"teacher/{form}", "teacher", path, tok, p.teacher.max_length, 1,
-                            flops, test, args.batch_size, threads))
+                            flops, splits, args.batch_size, threads))
     assert any(g.path.name == TEACHER_FP32 for g in graphs)
     return graphs
 
@@ -258,10 +272,12 @@ def main() -> None:
     started = time.perf_counter()
     cache = labelled_cache(validate(apply_overrides(params.to_dict(), extra)), out)
 
-    test = load_split(params.paths, "test")
-    texts, labels = test["text"].tolist(), test["label"].to_numpy()
-    boot = Bootstrap(labels, len(load_label_names(params.paths)), params.evaluate.bootstrap,
-                     params.seed)
+    val, test = load_split(params.paths, "validation"), load_split(params.paths, "test")
+    splits = {"validation": val["text"].tolist(), "test": test["text"].tolist()}
+    labels = {"validation": val["label"].to_numpy(), "test": test["label"].to_numpy()}
+    n_labels = len(load_label_names(params.paths))
+    boots = {split: Bootstrap(y, n_labels, params.evaluate.bootstrap, params.seed)
+             for split, y in labels.items()}
     graphs, trained = [], {}
     for i, name in enumerate(args.only):
         p, d, train_s = train_and_export(params, name, {**VARIANTS[name], **extra}, out, cache,
@@ -270,49 +286,66 @@ def main() -> None:
                          "epochs_trained": d["epochs_trained"],
                          "overrides": VARIANTS[name]}
         if i == 0:
-            graphs += teacher_graphs(p, texts, args, threads)
-        graphs += student_graphs(p, name, texts, args, threads)
+            graphs += teacher_graphs(p, splits, args, threads)
+        graphs += student_graphs(p, name, splits, args, threads)
 
     print(f"=== timing {len(graphs)} graphs, {args.rounds} round-robin rounds", flush=True)
     for _ in range(args.rounds):
         for g in graphs:
             g.time_round()
+
+    def acc(g: Graph, split: str) -> float:
+        return float((g.preds[split] == labels[split]).mean())
+
+    # Chosen on validation: the fastest teacher graph within the validation interval of the
+    # most accurate one, then the fastest student within --max-drop points of it there.
     teachers = [g for g in graphs if g.side == "teacher"]
-    best_teacher = max(teachers, key=lambda g: g.rate)
-    ref_acc = float((best_teacher.preds == labels).mean())
+    top = max(teachers, key=lambda g: (acc(g, "validation"), g.rate))
+    low = boots["validation"].scores(top.preds["validation"])["accuracy_ci"][0]
+    best_teacher = max((g for g in teachers if acc(g, "validation") >= low),
+                       key=lambda g: g.rate)
     rows = []
     for g in graphs:
-        acc = float((g.preds == labels).mean())
-        rows.append({"graph": g.name, "side": g.side, "accuracy": acc,
-                     "accuracy_ci": boot.scores(g.preds)["accuracy_ci"],
-                     "delta_pt": 100 * (acc - ref_acc),
-                     "delta_ci_pt": [100 * v for v in boot.difference(
-                         g.preds, best_teacher.preds)["accuracy_diff_ci"]],
-                     "throughput_per_s": g.rate, "ratio": g.rate / best_teacher.rate,
-                     "gflops": g.gflops, "mb": os.path.getsize(g.path) / 1e6})
-    for r in rows:
+        row = {"graph": g.name, "side": g.side, "throughput_per_s": g.rate,
+               "ratio": g.rate / best_teacher.rate, "gflops": g.gflops,
+               "mb": os.path.getsize(g.path) / 1e6}
+        for split, prefix in (("validation", "val_"), ("test", "")):
+            row[f"{prefix}accuracy"] = acc(g, split)
+            row[f"{prefix}accuracy_ci"] = boots[split].scores(g.preds[split])["accuracy_ci"]
+            row[f"{prefix}delta_pt"] = 100 * (acc(g, split) - acc(best_teacher, split))
+            row[f"{prefix}delta_ci_pt"] = [100 * v for v in boots[split].difference(
+                g.preds[split], best_teacher.preds[split])["accuracy_diff_ci"]]
+        rows.append(row)
+    for r in rows:  # on validation accuracy, the deciding one
         r["pareto"] = not any(o["throughput_per_s"] > r["throughput_per_s"]
-                              and o["accuracy"] >= r["accuracy"] for o in rows if o is not r)
+                              and o["val_accuracy"] >= r["val_accuracy"]
+                              for o in rows if o is not r)
 
-    print(f"\n{len(labels)} test examples; ONNX Runtime, batch {args.batch_size}, {threads} "
-          f"threads, median of {args.rounds} round-robin rounds; ratios against the fastest "
-          f"teacher graph, {best_teacher.name} ({best_teacher.rate:.1f} ex/s, accuracy "
-          f"{ref_acc:.4f}); * = Pareto front")
-    print(f"{'graph':<30}{'acc':>7}  {'95% CI':<16}{'Δ pt [95% CI]':<22}{'ex/s':>8}"
-          f"{'ratio':>7}{'GFLOPs':>8}{'MB':>7}")
+    print(f"\n{len(labels['validation'])} validation / {len(labels['test'])} test examples; "
+          f"ONNX Runtime, batch {args.batch_size}, {threads} threads, model time, median of "
+          f"{args.rounds} round-robin rounds; ratios against the best teacher graph chosen on "
+          f"validation, {best_teacher.name} ({best_teacher.rate:.1f} ex/s, validation "
+          f"{acc(best_teacher, 'validation'):.4f}, test {acc(best_teacher, 'test'):.4f}); "
+          "* = Pareto front on validation accuracy")
+    print(f"{'graph':<32}{'val acc':>8} {'Δ val pt [95% CI]':<22}{'test acc':>9} "
+          f"{'Δ test pt [95% CI]':<22}{'ex/s':>8}{'ratio':>8}{'GFLOPs':>8}{'MB':>7}")
     for r in sorted(rows, key=lambda r: -r["throughput_per_s"]):
-        ci, dci = r["accuracy_ci"], r["delta_ci_pt"]
-        print(f"{('*' if r['pareto'] else ' ') + r['graph']:<30}{r['accuracy']:>7.4f}  "
-              f"[{ci[0]:.3f},{ci[1]:.3f}]  {r['delta_pt']:>+5.2f} [{dci[0]:+.2f},{dci[1]:+.2f}]"
-              f"{'':<3}{r['throughput_per_s']:>8.1f}{r['ratio']:>6.2f}x{r['gflops']:>8.3f}"
+        v, t = r["val_delta_ci_pt"], r["delta_ci_pt"]
+        print(f"{('*' if r['pareto'] else ' ') + r['graph']:<32}{r['val_accuracy']:>8.4f} "
+              f"{r['val_delta_pt']:>+6.2f} [{v[0]:+.2f},{v[1]:+.2f}]{'':<1}"
+              f"{r['accuracy']:>9.4f} {r['delta_pt']:>+6.2f} [{t[0]:+.2f},{t[1]:+.2f}]{'':<1}"
+              f"{r['throughput_per_s']:>8.1f}{r['ratio']:>7.2f}x{r['gflops']:>8.3f}"
               f"{r['mb']:>7.1f}")
-    eligible = [r for r in rows if r["side"] == "student" and r["delta_pt"] >= -args.max_drop]
+    eligible = [r for r in rows if r["side"] == "student"
+                and r["val_delta_pt"] >= -args.max_drop]
     if eligible:
         best = max(eligible, key=lambda r: r["throughput_per_s"])
-        print(f"\nfastest student within {args.max_drop} pt of {best_teacher.name}: "
-              f"{best['graph']} at {best['ratio']:.2f}x, {best['delta_pt']:+.2f} pt")
+        print(f"\nfastest student within {args.max_drop} pt of {best_teacher.name} on "
+              f"validation: {best['graph']} at {best['ratio']:.2f}x, "
+              f"{best['val_delta_pt']:+.2f} pt on validation; reported once on test: "
+              f"{best['accuracy']:.4f}, {best['delta_pt']:+.2f} pt")
     else:
-        print(f"\nno student within {args.max_drop} pt of {best_teacher.name}")
+        print(f"\nno student within {args.max_drop} pt of {best_teacher.name} on validation")
     minutes = (time.perf_counter() - started) / 60
     print(f"benchmark wall time {minutes:.1f} min")
     out.mkdir(parents=True, exist_ok=True)

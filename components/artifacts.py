@@ -62,9 +62,19 @@ TEACHER_INT8 = "teacher.int8.onnx"
 TEACHER_TOKENIZER = "teacher.tokenizer.json"
 STUDENT_PREPROCESSING = "preprocessing.json"  # components.bundle.preprocessing()
 TEACHER_PREPROCESSING = "teacher.preprocessing.json"
-# ONNX Runtime static INT8 (QDQ) graphs, calibrated on validation (`export.static_int8`)
+# ONNX Runtime static INT8 (QDQ) graphs, calibrated on train texts (`export.static_int8`)
 STUDENT_STATIC_INT8 = "model.static_int8.onnx"
 TEACHER_STATIC_INT8 = "teacher.static_int8.onnx"
+# Evaluated ONNX system -> (graph, tokenizer, preprocessing) in the export folder: what a bundle
+# ships for that system and what evaluate times as the deployed path.
+EXPORTED_GRAPHS = {
+    "student_onnx": (STUDENT_FP32, STUDENT_TOKENIZER, STUDENT_PREPROCESSING),
+    "student_onnx_int8": (STUDENT_INT8, STUDENT_TOKENIZER, STUDENT_PREPROCESSING),
+    "student_onnx_static_int8": (STUDENT_STATIC_INT8, STUDENT_TOKENIZER, STUDENT_PREPROCESSING),
+    "teacher_onnx": (TEACHER_FP32, TEACHER_TOKENIZER, TEACHER_PREPROCESSING),
+    "teacher_onnx_int8": (TEACHER_INT8, TEACHER_TOKENIZER, TEACHER_PREPROCESSING),
+    "teacher_onnx_static_int8": (TEACHER_STATIC_INT8, TEACHER_TOKENIZER, TEACHER_PREPROCESSING),
+}
 # Evaluation (machine-independent part; the timed results go to `paths.results`)
 QUALITY_FILE = "quality.json"
 RESULTS_FILE = "metrics.json"  # in `paths.results`: timings, ratios, best teacher, cascade cost

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,9 +42,9 @@ from typing import Any
 import numpy as np
 from scipy.special import softmax as scipy_softmax
 
-from components import cascade
+from components import cascade as rule
 from components.common import StageError, read_json
-from components.graphio import INPUTS, OUTPUTS, configured, pad_arrays, session_options
+from components.graphio import INPUTS, OUTPUTS, Encoder, pin_tokenizer_threads, session_options
 
 FORMAT = "still-bundle/1"
 MANIFEST = "bundle.json"
@@ -174,31 +174,120 @@ class Graph:
     """One ONNX classifier with its text preprocessing (see the module docstring)."""
 
     session: Any  # onnxruntime.InferenceSession
-    tokenizer: Any  # tokenizers.Tokenizer, truncating at max_length, not padding
-    pad_id: int
-    min_length: int
+    encoder: Encoder  # the tokenizer truncating at max_length (pre-cut), padding per batch
 
     @classmethod
     def load(cls, folder: Path, model: str, threads: int = 0) -> Graph:
+        sub = folder / model.split("/")[0]
+        return cls.from_files(folder / model, sub / TOKENIZER, sub / PREPROCESSING, threads)
+
+    @classmethod
+    def from_files(cls, graph: Path, tokenizer: Path, preprocessing_file: Path,
+                   threads: int = 0) -> Graph:
+        """A graph from its three files (inside a bundle, or in the export stage's folder,
+        which evaluate times through this same class)."""
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        sub = folder / model.split("/")[0]
-        pre = read_json(sub / PREPROCESSING)
-        tok = configured(Tokenizer.from_file(str(sub / TOKENIZER)), int(pre["max_length"]))
+        pre = read_json(preprocessing_file)
+        encoder = Encoder(Tokenizer.from_file(str(tokenizer)), int(pre["max_length"]),
+                          int(pre.get("min_length", 1)))
+        encoder.pad = int(pre["pad_id"])
         try:
-            session = ort.InferenceSession(str(folder / model), session_options(threads),
+            session = ort.InferenceSession(str(graph), session_options(threads),
                                            providers=["CPUExecutionProvider"])
         except Exception as err:  # ORT has its own exception types for bad graphs
-            raise BundleError(f"{folder / model}: ONNX Runtime cannot load it ({err})") from None
-        return cls(session, tok, int(pre["pad_id"]), int(pre.get("min_length", 1)))
+            raise BundleError(f"{graph}: ONNX Runtime cannot load it ({err})") from None
+        return cls(session, encoder)
 
     def inputs(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        ids = [e.ids for e in self.tokenizer.encode_batch(list(texts))]
-        return dict(zip(INPUTS, pad_arrays(ids, self.pad_id, self.min_length), strict=True))
+        return dict(zip(INPUTS, self.encoder.arrays(texts), strict=True))
+
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(list(OUTPUTS), feed)[0]
 
     def logits(self, texts: Sequence[str]) -> np.ndarray:
-        return self.session.run(list(OUTPUTS), self.inputs(texts))[0]
+        return self.run(self.inputs(texts))
+
+
+class Predictor:
+    """Labels for batches of texts from one student graph, or from the cascade (the student
+    first, the teacher graph for the texts whose confidence is below the threshold): what
+    `Bundle.predict` and `still predict` run, and what evaluate times as the deployed path.
+
+    Args:
+        student: the student graph that answers (without the cascade).
+        labels: class names, index = logit position.
+        cascade: `(student graph, teacher graph, confidence measure, threshold)` of the
+            cascade policy, or None.
+    """
+
+    def __init__(self, student: Graph, labels: list[str],
+                 cascade: tuple[Graph, Graph, str, float] | None = None):
+        self.student, self.labels, self.cascade = student, labels, cascade
+
+    def answers(self, probs: np.ndarray) -> list[dict[str, Any]]:
+        best = probs.argmax(-1)
+        return [{"label": self.labels[k], "probability": float(p[k])}
+                for k, p in zip(best, probs, strict=True)]
+
+    def student_batch(self, batch: Sequence[str]) -> list[dict[str, Any]]:
+        return self.answers(softmax(self.student.logits(batch)))
+
+    def cascade_batch(self, batch: Sequence[str]) -> list[dict[str, Any]]:
+        student, teacher, measure, threshold = self.cascade
+        logits = student.logits(batch)
+        # The same rule evaluate chose the threshold with (components.cascade).
+        conf = rule.confidence(logits, measure)
+        defer = rule.deferred(logits, measure, threshold)
+        answers = self.answers(softmax(logits))
+        if defer.any():
+            picked = [t for t, d in zip(batch, defer, strict=True) if d]
+            it = iter(self.answers(softmax(teacher.logits(picked))))
+            answers = [next(it) if d else a for a, d in zip(answers, defer, strict=True)]
+        return [{**a, "answered_by": "teacher" if d else "student", "confidence": float(c)}
+                for a, d, c in zip(answers, defer, conf, strict=True)]
+
+    def predict(self, batch: Sequence[str], cascade: bool = False) -> list[dict[str, Any]]:
+        return self.cascade_batch(batch) if cascade else self.student_batch(batch)
+
+    def stream(self, batches: Iterable[Sequence[str]], cascade: bool = False,
+               batch_size: int = 32, hold: int = 64) -> Iterator[list[dict[str, Any]]]:
+        """The answers of each batch of `batches`, in order, like `predict`; with the cascade,
+        the texts deferred by several batches are gathered until they make a full batch of
+        `batch_size` for the teacher (it answers a handful per batch otherwise, at its slowest
+        per text), holding at most `hold` batches back. File prediction streams through here."""
+        if not cascade:
+            for batch in batches:
+                yield self.student_batch(batch)
+            return
+        student, teacher, measure, threshold = self.cascade
+        pending: list[tuple[list[dict[str, Any]], np.ndarray]] = []
+        waiting: list[str] = []
+
+        def flush() -> Iterator[list[dict[str, Any]]]:
+            answers = [a for start in range(0, len(waiting), batch_size)
+                       for a in self.answers(softmax(teacher.logits(
+                           waiting[start : start + batch_size])))]
+            it = iter(answers)
+            for rows, defer in pending:
+                yield [{**(next(it) if d else a), "answered_by": "teacher" if d else "student",
+                        "confidence": a["confidence"]} for a, d in zip(rows, defer, strict=True)]
+            pending.clear()
+            waiting.clear()
+
+        for batch in batches:
+            logits = student.logits(batch)
+            conf = rule.confidence(logits, measure)
+            defer = rule.deferred(logits, measure, threshold)
+            rows = [{**a, "confidence": float(c)}
+                    for a, c in zip(self.answers(softmax(logits)), conf, strict=True)]
+            pending.append((rows, defer))
+            waiting += [t for t, d in zip(batch, defer, strict=True) if d]
+            if len(waiting) >= batch_size or len(pending) >= hold:
+                yield from flush()
+        if pending:
+            yield from flush()
 
 
 class Bundle:
@@ -214,6 +303,7 @@ class Bundle:
         self.policy: dict[str, Any] | None = (read_json(self.folder / CASCADE)
                                               if manifest.get("cascade") else None)
         self._graphs: dict[str, Graph] = {}
+        self._predictor: Predictor | None = None
 
     def graph(self, model: str) -> Graph:
         if model not in self._graphs:
@@ -226,6 +316,20 @@ class Bundle:
         # know one of its system names.
         return self.graph(self.manifest.get("models", {}).get(self.model_name)
                           or MODEL_FILES[self.model_name])
+
+    def predictor(self, cascade: bool = False) -> Predictor:
+        """The bundle's `Predictor` (graphs load on first use; the cascade's when asked)."""
+        if cascade and self.policy is None:
+            raise BundleError(f"{self.folder}: this bundle has no cascade (built with "
+                              "ship.cascade: false, or no threshold reached the target on "
+                              "validation); predict without --cascade")
+        if self._predictor is None or (cascade and self._predictor.cascade is None):
+            p = self.policy
+            self._predictor = Predictor(
+                self.model, self.labels,
+                (self.graph(p["student_file"]), self.graph(p["teacher_file"]),
+                 p["confidence"], p["threshold"]) if cascade else None)
+        return self._predictor
 
     def _batches(self, texts: Sequence[str], batch_size: int | None) -> Iterator[list[str]]:
         bs = batch_size or self.batch_size
@@ -247,37 +351,11 @@ class Bundle:
         deployment batch size evaluate measured, in bundle.json)."""
         if isinstance(texts, str):
             raise TypeError("predict takes a list of texts; wrap a single text in a list")
+        predictor = self.predictor(cascade)
         out: list[dict[str, Any]] = []
         for batch in self._batches(texts, batch_size):
-            out += self._cascade(batch) if cascade else self._student(batch)
+            out += predictor.predict(batch, cascade)
         return out
-
-    def _answer(self, probs: np.ndarray) -> list[dict[str, Any]]:
-        best = probs.argmax(-1)
-        return [{"label": self.labels[k], "probability": float(p[k])}
-                for k, p in zip(best, probs, strict=True)]
-
-    def _student(self, batch: list[str]) -> list[dict[str, Any]]:
-        return self._answer(softmax(self.model.logits(batch)))
-
-    def _cascade(self, batch: list[str]) -> list[dict[str, Any]]:
-        if self.policy is None:
-            raise BundleError(f"{self.folder}: this bundle has no cascade (built with "
-                              "ship.cascade: false, or no threshold reached the target on "
-                              "validation); predict without --cascade")
-        p = self.policy
-        logits = self.graph(p["student_file"]).logits(batch)
-        # The same rule evaluate chose the threshold with (components.cascade).
-        conf = cascade.confidence(logits, p["confidence"])
-        defer = cascade.deferred(logits, p["confidence"], p["threshold"])
-        answers = self._answer(softmax(logits))
-        if defer.any():
-            picked = [t for t, d in zip(batch, defer, strict=True) if d]
-            teacher = self._answer(softmax(self.graph(p["teacher_file"]).logits(picked)))
-            it = iter(teacher)
-            answers = [next(it) if d else a for a, d in zip(answers, defer, strict=True)]
-        return [{**a, "answered_by": "teacher" if d else "student", "confidence": float(c)}
-                for a, d, c in zip(answers, defer, conf, strict=True)]
 
 
 def load_bundle(folder: str | Path, threads: int = 0, verify_files: bool = True) -> Bundle:
@@ -285,9 +363,11 @@ def load_bundle(folder: str | Path, threads: int = 0, verify_files: bool = True)
 
     Args:
         folder: the bundle folder (`paths.bundle`, artifacts/bundle by default).
-        threads: ONNX Runtime intra-op threads (0: its default, all cores).
+        threads: ONNX Runtime intra-op threads and the size of the `tokenizers` pool when it
+            has not started yet in this process (0: their defaults, all cores).
         verify_files: check sha256 of every file (seconds for hundreds of MB); leave on
             unless the bundle was verified already.
     """
     manifest = verify(folder) if verify_files else read_json(Path(folder) / MANIFEST)
+    pin_tokenizer_threads(threads)
     return Bundle(folder, manifest, threads)

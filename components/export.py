@@ -13,7 +13,7 @@ baseline a student has to beat; `metrics.json` (parity errors, INT8 agreement, s
 
 Static INT8 (`export.static_int8`): ONNX Runtime's `quantize_static` in QDQ form
 (QuantizeLinear/DequantizeLinear pairs around the quantised ops, which ORT's CPU provider fuses
-into integer kernels), activation ranges calibrated on the first validation batches, encoded
+into integer kernels), activation ranges calibrated on the first training batches, encoded
 and padded exactly as evaluate feeds a graph. Int8 weights (per output channel by default),
 uint8 activations (int8 with zero point 0 when `activation_symmetric`); every MatMul is
 quantised, the attention products included, and MatMul/Gemm outputs stay float, so ORT runs
@@ -21,10 +21,11 @@ them as `MatMulIntegerToFloat` and the logits are never rounded to 8 bits. The o
 `float_ops` are not quantised and read float inputs (`unround_float_inputs`). Q/DQ is also the
 form TensorRT's INT8 path consumes (with symmetric activations; `components/trt` builds its
 engine graph itself). Like dynamic INT8, a quantised graph is not held to the FP32 tolerance:
-its argmax agreement with FP32 and largest logit drift on the parity batches are recorded, not
-checked. Measured on 2 threads (`benchmarks/int8.py`): about 1.8-1.9x FP32 model throughput
-for both models, a few percent faster than dynamic INT8, test accuracy unchanged; quantising
-every op type (`float_ops: []`) was slower and lost accuracy, symmetric activations were slower.
+its argmax agreement with FP32 and largest logit drift on held-out validation texts (never the
+calibration texts) are recorded, not checked. Measured on 2 threads (`benchmarks/int8.py`):
+about 1.8-1.9x FP32 model throughput for both models, a few percent faster than dynamic INT8,
+test accuracy unchanged; quantising every op type (`float_ops: []`) was slower and lost
+accuracy, symmetric activations were slower.
 
 `export.ort_optimize`: run ONNX Runtime's transformer optimizer (the fusions Optimum applies:
 attention, LayerNorm, GELU) on each FP32 graph before the parity check and quantisation. Off by
@@ -73,6 +74,7 @@ from components.artifacts import (
     TEACHER_PREPROCESSING,
     TEACHER_STATIC_INT8,
     TEACHER_TOKENIZER,
+    iter_split_texts,
     load_split,
 )
 from components.bundle import preprocessing
@@ -153,7 +155,8 @@ def check_parity(model: torch.nn.Module, sess, data, atol: float, rtol: float) -
 
 
 def agreement(reference, other, data) -> dict:
-    """How often a quantised model picks the same class as FP32, and its largest drift."""
+    """How often a quantised model picks the same class as FP32, and its largest drift, on
+    `data` (held-out validation batches: never the calibration texts)."""
     same, total, worst = 0, 0, 0.0
     for input_ids, mask in data:
         feed = {"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()}
@@ -161,7 +164,8 @@ def agreement(reference, other, data) -> dict:
         same += int((a.argmax(-1) == b.argmax(-1)).sum())
         total += len(a)
         worst = max(worst, float(np.abs(a - b).max()))
-    return {"argmax_agreement": same / total, "max_abs_error": worst}
+    return {"argmax_agreement": same / total, "max_abs_error": worst, "examples": total,
+            "texts": "validation (held out from calibration)"}
 
 
 def pre_process(src: Path, dst: Path) -> None:
@@ -201,19 +205,42 @@ def quantize_int8(src: Path, dst: Path) -> None:
 # --------------------------------------------------------------------------- static INT8
 
 
+def split_head(params: Params, split: str, n: int) -> list[str]:
+    """The first `n` texts of a prepared split, read only as far as needed."""
+    texts: list[str] = []
+    for batch in iter_split_texts(params.paths, split, batch_rows=max(1, min(n, 8192))):
+        texts += batch[: n - len(texts)]
+        if len(texts) >= n:
+            break
+    return texts
+
+
 def static_calibration(params: Params, encoder: TextEncoder) -> list[dict[str, np.ndarray]]:
-    """The first `calibration_batches` batches of `calibration_batch_size` validation examples,
-    tokenised and padded as evaluate feeds a graph (`encoder`, per-batch right padding)."""
+    """The first `calibration_batches` batches of `calibration_batch_size` *training* texts,
+    tokenised and padded as evaluate feeds a graph (`encoder`, per-batch right padding). Train,
+    so that the agreement with FP32 is measured on validation texts calibration never saw."""
     cfg = params.export.static_int8
-    texts = load_split(params.paths, "validation")["text"].tolist()
-    ids = encoder.ids(texts[: cfg.calibration_batches * cfg.calibration_batch_size])
+    texts = split_head(params, "train", cfg.calibration_batches * cfg.calibration_batch_size)
+    ids = encoder.ids(texts)
     if not ids:
-        raise StageError("the validation split is empty: static INT8 calibration needs "
-                         "examples (or set export.static_int8.enabled: false)")
+        raise StageError("the train split is empty: static INT8 calibration needs examples "
+                         "(or set export.static_int8.enabled: false)")
     size = cfg.calibration_batch_size
     return [dict(zip(INPUTS, (t.numpy() for t in encoder.batch(ids[i : i + size])),
                      strict=True))
             for i in range(0, len(ids), size)]
+
+
+# Validation texts an INT8 graph's agreement with FP32 is measured on (all of a small split).
+AGREEMENT_EXAMPLES = 1024
+
+
+def heldout_batches(params: Params, encoder: TextEncoder) -> list[tuple[torch.Tensor, ...]]:
+    """Validation batches of `export.parity_batch_size` (at most AGREEMENT_EXAMPLES texts):
+    held out from calibration, which reads train texts."""
+    texts = split_head(params, "validation", AGREEMENT_EXAMPLES)
+    ids = encoder.ids(texts)
+    return list(batches(ids, params.export.parity_batch_size, encoder.pad, encoder.min_length))
 
 
 class CalibrationFeeds:
@@ -316,7 +343,7 @@ def quantize_static_int8(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]
             "float_ops": list(cfg.float_ops), "float_inputs_unrounded": rewired,
             "calibration": {"method": cfg.method, "batches": len(feeds),
                             "examples": sum(len(f[INPUTS[0]]) for f in feeds),
-                            "split": "validation"},
+                            "split": "train"},
             "per_channel": cfg.per_channel, "activation_symmetric": cfg.activation_symmetric}
 
 
@@ -336,9 +363,12 @@ def ort_optimize(path: Path, num_heads: int, hidden: int) -> dict:
 
 def export_model(model: torch.nn.Module, data, out: Path, fp32_name: str, int8_name: str | None,
                  cfg, heads: int, hidden: int, static_name: str | None = None,
-                 calibration: list[dict[str, np.ndarray]] | None = None) -> dict:
-    """One model to ONNX FP32 (+ optional optimizer pass), parity-checked, then dynamic INT8
-    (`int8_name`) and static INT8 calibrated on `calibration` (`static_name`)."""
+                 calibration: list[dict[str, np.ndarray]] | None = None,
+                 heldout: list | None = None) -> dict:
+    """One model to ONNX FP32 (+ optional optimizer pass), parity-checked on `data`, then
+    dynamic INT8 (`int8_name`) and static INT8 calibrated on `calibration` (`static_name`), each
+    INT8 graph's agreement with FP32 measured on `heldout` (default: `data`)."""
+    heldout = heldout or data
     export_onnx(model, data[0], out / fp32_name, cfg.opset)
     result = {}
     if cfg.ort_optimize:
@@ -348,12 +378,12 @@ def export_model(model: torch.nn.Module, data, out: Path, fp32_name: str, int8_n
     result["fp32"]["bytes"] = file_size(out / fp32_name)
     if int8_name:
         quantize_int8(out / fp32_name, out / int8_name)
-        result["int8"] = agreement(fp32, ort_session(out / int8_name), data)
+        result["int8"] = agreement(fp32, ort_session(out / int8_name), heldout)
         result["int8"]["bytes"] = file_size(out / int8_name)
     if static_name:
         info = quantize_static_int8(out / fp32_name, out / static_name, calibration,
                                     cfg.static_int8)
-        result["static_int8"] = {**agreement(fp32, ort_session(out / static_name), data),
+        result["static_int8"] = {**agreement(fp32, ort_session(out / static_name), heldout),
                                  "bytes": file_size(out / static_name), **info}
     return result
 
@@ -363,12 +393,12 @@ def export_model(model: torch.nn.Module, data, out: Path, fp32_name: str, int8_n
 
 def calibration_batches(params: Params, tokenizer,
                         min_length: int = 1) -> list[dict[str, np.ndarray]]:
-    """`export.tensorrt.calibration_batches` real validation batches of `opt_batch` examples,
-    full length (truncated to `distill.max_length`), padded to the profile's shortest length."""
+    """`export.tensorrt.calibration_batches` real training batches of `opt_batch` examples
+    (train: the engines are checked on validation batches), full length (truncated to
+    `distill.max_length`), padded to the profile's shortest length."""
     cfg = params.export.tensorrt
-    texts = load_split(params.paths, "validation")["text"].tolist()
-    ids = encode(tokenizer, texts[: cfg.calibration_batches * cfg.opt_batch],
-                 params.distill.max_length)
+    texts = split_head(params, "train", cfg.calibration_batches * cfg.opt_batch)
+    ids = encode(tokenizer, texts, params.distill.max_length)
     shortest = graphs.profile_shapes(cfg, params.distill.max_length,
                                      min_length)[graphs.INPUT_NAMES[0]][0][1]
     out = []
@@ -383,7 +413,7 @@ def calibration_batches(params: Params, tokenizer,
             feed[name] = arr
         out.append(feed)
     if not out:
-        raise StageError("the validation split is empty: INT8 calibration needs examples")
+        raise StageError("the train split is empty: INT8 calibration needs examples")
     return out
 
 
@@ -432,7 +462,7 @@ def export_engines(params: Params, onnx_path: str | Path, out_dir: str | Path, p
     if "int8" in cfg.precisions:
         if tokenizer is not None:
             calib = calibration_batches(params, tokenizer, min_length)
-            calib_source = "validation split"
+            calib_source = "train split"
         else:
             calib, calib_source = feeds, "parity batches"
     fp32 = ort_session(onnx_path)
@@ -480,7 +510,8 @@ def run(params: Params) -> dict:
                    **export_model(model, data, out, STUDENT_FP32,
                                   STUDENT_INT8 if cfg.int8 else None, cfg, sc.heads, sc.hidden,
                                   STUDENT_STATIC_INT8 if static else None,
-                                  static_calibration(params, encoder) if static else None)}
+                                  static_calibration(params, encoder) if static else None,
+                                  heldout_batches(params, encoder))}
         metrics["tensorrt"] = export_engines(
             params, out / STUDENT_FP32, out, data, tokenizer, sc.min_tokens())
         shutil.copyfile(student_dir / STUDENT_TOKENIZER, out / STUDENT_TOKENIZER)
@@ -496,7 +527,8 @@ def run(params: Params) -> dict:
                 teacher, t_data, out, TEACHER_FP32, TEACHER_INT8 if cfg.int8 else None, cfg,
                 tc.num_attention_heads, tc.hidden_size,
                 TEACHER_STATIC_INT8 if static else None,
-                static_calibration(params, t_enc) if static else None)
+                static_calibration(params, t_enc) if static else None,
+                heldout_batches(params, t_enc))
             t_tok.save(str(out / TEACHER_TOKENIZER))
             write_json(out / TEACHER_PREPROCESSING, preprocessing(
                 t_tok.to_str(), pad_id(t_tok), params.teacher.max_length))

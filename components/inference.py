@@ -40,7 +40,7 @@ from components.artifacts import (
 )
 from components.common import StageError
 from components.config import Params
-from components.graphio import configured
+from components.graphio import Encoder
 from components.textdata import pad_batch
 from components.training import leave_process_group, lightning_trainer
 
@@ -82,7 +82,7 @@ class _Batches(IterableDataset):
     def __init__(self, sources: list[Source], tokenizer, max_length: int, batch_size: int,
                  pad: int, rank: int, world: int):
         self.sources, self.batch_size, self.pad = sources, batch_size, pad
-        self.tokenizer = configured(tokenizer, max_length)
+        self.encoder = Encoder(tokenizer, max_length)
         self.rank, self.world = rank, world
 
     def __len__(self) -> int:
@@ -107,7 +107,7 @@ class _Batches(IterableDataset):
             for b, texts in enumerate(self._text_batches(source)):
                 seen += len(texts)
                 if b % self.world == self.rank:
-                    ids = [e.ids for e in self.tokenizer.encode_batch(texts)]
+                    ids = self.encoder.ids(texts)
                     input_ids, mask = pad_batch(ids, self.pad)
                     yield {"input_ids": input_ids, "attention_mask": mask, "source": index}
             if seen != source.count():

@@ -3,8 +3,9 @@ session, pin threads, name the graph's inputs and outputs, and turn text into pa
 
 Every runner has the same signature, `run(input_ids, attention_mask) -> logits` (int64 torch
 tensors in, float numpy logits out), so a timing loop treats PyTorch, ONNX Runtime and TensorRT
-alike. `TextEncoder` holds a tokenizer configured once (truncation at `max_length`, no
-padding): nothing is rebuilt per call, so a timed call measures tokenisation and nothing else.
+alike. `TextEncoder` is the shared `graphio.Encoder` (a tokenizer configured once, the pre-cut)
+with torch batches: nothing is rebuilt per call, so a timed call measures tokenisation and
+nothing else.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import numpy as np
 import torch
 
 from components.common import StageError
-from components.graphio import OUTPUTS, session_options
-from components.textdata import configured, pad_batch, pad_id
+from components.graphio import OUTPUTS, Encoder, session_options
+from components.textdata import pad_batch
 
 Runner = Callable[[torch.Tensor, torch.Tensor], np.ndarray]
 
@@ -67,22 +68,9 @@ def torch_runner(model: torch.nn.Module) -> Runner:
     return run
 
 
-class TextEncoder:
-    """Text to padded batches with a tokenizer configured once.
-
-    Args:
-        tokenizer: a `tokenizers.Tokenizer` (a copy is configured; the caller's is untouched).
-        max_length: truncation length, special tokens included.
-        min_length: shortest padded length (a token-merging student needs this many positions).
-    """
-
-    def __init__(self, tokenizer, max_length: int, min_length: int = 1):
-        self.tokenizer = configured(tokenizer, max_length)
-        self.max_length, self.min_length = max_length, min_length
-        self.pad = pad_id(tokenizer)
-
-    def ids(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(list(texts))]
+class TextEncoder(Encoder):
+    """`graphio.Encoder` (one tokenizer configured once, the pre-cut, truncation, padding) with
+    batches as int64 torch tensors, what every runner here takes."""
 
     def batch(self, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         return pad_batch(ids, self.pad, self.min_length)

@@ -1,8 +1,9 @@
 """Tokenised text classification data shared by the teacher and the student.
 
 Both sides encode through a Hugging Face `tokenizers.Tokenizer` (the teacher's is its fast
-tokenizer's backend), truncate to `max_length` keeping [CLS]/[SEP], and pad per batch, so
-there is one encoding path for training, export parity and evaluation.
+tokenizer's backend) wrapped in `graphio.Encoder`, which tokenises only the part of a text the
+model reads and truncates to `max_length` keeping [CLS]/[SEP]; batches are padded per batch, so
+there is one encoding path for training, teacher caching, export parity and evaluation.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
-from components.graphio import configured, pad_arrays, pad_id
+from components.graphio import Encoder, configured, pad_arrays, pad_id
 
 __all__ = ["Collator", "EncodedDataset", "Stacked", "TextDataModule", "TokenIds", "batches",
            "configured", "encode", "encode_batches", "pad_batch", "pad_id", "text_windows"]
@@ -77,14 +78,15 @@ class TokenIds(Sequence):
 def encode_batches(tokenizer: Tokenizer, texts: Iterable[Sequence[str]],
                    max_length: int) -> TokenIds:
     """Token ids of texts that arrive in batches (e.g. a Parquet split read batch by batch),
-    truncated at `max_length`: memory holds the ids, never all the texts or their Encodings."""
-    tok = configured(tokenizer, max_length)  # one copy for the whole stream
+    truncated at `max_length` through the one `graphio.Encoder` (pre-cut included): memory
+    holds the ids, never all the texts or their Encodings."""
+    encoder = Encoder(tokenizer, max_length)  # one configured copy for the whole stream
     arrays: list[np.ndarray] = []
     for batch in texts:
         batch = list(batch)
         for start in range(0, len(batch), ENCODE_BATCH):
-            arrays.extend(np.asarray(e.ids, dtype=np.int32)
-                          for e in tok.encode_batch(batch[start:start + ENCODE_BATCH]))
+            arrays.extend(np.asarray(x, dtype=np.int32)
+                          for x in encoder.ids(batch[start:start + ENCODE_BATCH]))
     return TokenIds.concat_arrays(arrays)
 
 

@@ -1,4 +1,6 @@
+import dataclasses
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,27 +22,21 @@ def test_metrics_cover_every_system(trained_pipeline):
         assert set(m) >= KEYS, name
         assert 0 <= m["accuracy"] <= 1 and m["throughput_per_s"] > 0
         assert m["latency_p95_ms"] >= m["latency_p50_ms"] > 0
-        lo, hi = m["accuracy_ci"]
-        assert lo <= m["accuracy"] <= hi and m["macro_f1_ci"][0] <= m["macro_f1"]
-        # End to end = tokenisation + model, measured in the same calls.
-        assert m["model_throughput_per_s"] > m["throughput_per_s"]
+        for split in (m, m["validation"]):
+            lo, hi = split["accuracy_ci"]
+            assert lo <= split["accuracy"] <= hi and split["macro_f1_ci"][0] <= split["macro_f1"]
         assert m["tokenize_ms_per_example"] > 0 and m["timing_rounds"] >= 5
-        assert m["latency_p50_ms"] > m["model_latency_p50_ms"] > 0
-    # ONNX FP32 is the same network as PyTorch: same predictions, for both sides.
+    # ONNX FP32 is the same network as PyTorch: same predictions, for both sides and splits.
     s, o = metrics["systems"]["student"], metrics["systems"]["student_onnx"]
     assert s["accuracy"] == o["accuracy"]
+    assert s["validation"]["accuracy"] == o["validation"]["accuracy"]
     t = metrics["systems"]["teacher"]
     assert t["accuracy"] == metrics["systems"]["teacher_onnx"]["accuracy"]
-    assert metrics["best_teacher"] in {"teacher", "teacher_onnx", "teacher_onnx_int8",
-                                       "teacher_onnx_static_int8"}
+    assert metrics["chosen_on"] == "validation"
     for prefix in ("", "teacher_"):  # both INT8 forms against FP32, per side
         for form in ("int8", "static_int8"):
             assert metrics["ratios"][f"{prefix}{form}_model_throughput_vs_fp32"] > 0
-    # The best teacher runtime: the fastest teacher within the interval of the most accurate.
     teachers = {n: r for n, r in metrics["systems"].items() if r["side"] == "teacher"}
-    top = max(teachers.values(), key=lambda r: (r["accuracy"], r["throughput_per_s"]))
-    ok = {n: r for n, r in teachers.items() if r["accuracy"] >= top["accuracy_ci"][0]}
-    assert metrics["best_teacher"] == max(ok, key=lambda n: ok[n]["throughput_per_s"])
     assert "vs_best_teacher" not in teachers[metrics["best_teacher"]]
     for name, m in metrics["systems"].items():
         if name != metrics["best_teacher"]:
@@ -48,10 +44,6 @@ def test_metrics_cover_every_system(trained_pipeline):
             assert d["accuracy_diff_ci"][0] <= d["accuracy_diff"] <= d["accuracy_diff_ci"][1]
             assert d["within_noise"] == (d["accuracy_diff_ci"][0] <= 0 <= d["accuracy_diff_ci"][1])
             assert 0 <= d["mcnemar_p"] <= 1
-    h = metrics["headline"]
-    assert h["best_teacher"] == metrics["best_teacher"] and h["throughput_vs_best_teacher"] > 0
-    assert metrics["ratios"][f"{h['student']}_throughput_vs_best_teacher"] == pytest.approx(
-        h["throughput_vs_best_teacher"])
     assert metrics["systems"]["teacher"]["parameters"] > s["parameters"]
     assert metrics["ratios"]["student_size_vs_teacher"] < 1
     points = json.loads((out / "plots/systems.json").read_text())
@@ -61,6 +53,86 @@ def test_metrics_cover_every_system(trained_pipeline):
     env = json.loads((out / "environment.json").read_text())
     assert env["torch"] and env["onnxruntime"] and env["threads"] == 1
     assert (out / "params.json").is_file()
+
+
+def test_systems_sharing_an_encoder_report_the_same_tokenisation_time(trained_pipeline):
+    """Tokenisation is timed per encoder in its own loop, so it cannot depend on which model
+    ran before it (ORT's spinning threads made it 1.3-1.5x slower after an ORT call)."""
+    _, results = trained_pipeline
+    for side in ("teacher", "student"):
+        times = {n: r["tokenize_ms_per_example"] for n, r in results["evaluate"]["systems"].items()
+                 if r["side"] == side}
+        assert len(times) >= 3 and len(set(times.values())) == 1, times
+
+
+def _results(**systems) -> dict:
+    """Evaluated systems with (validation accuracy, its interval's low end, test accuracy,
+    end-to-end throughput)."""
+    return {name: {"side": "student", "throughput_per_s": speed, "accuracy": test,
+                   "validation": {"accuracy": val, "accuracy_ci": [low, min(1.0, val + 0.02)]}}
+            for name, (val, low, test, speed) in systems.items()}
+
+
+def test_the_choice_follows_validation_not_test():
+    from components.evaluate import best_of
+
+    # fast is within noise of the best on validation but poor on test: validation decides.
+    results = _results(slow=(0.95, 0.92, 0.90, 100.0), fast=(0.93, 0.90, 0.70, 900.0))
+    assert best_of(results, "student") == "fast"
+    # On validation fast is below the best one's interval: the slow, accurate one wins, however
+    # well fast does on test.
+    results = _results(slow=(0.95, 0.94, 0.80, 100.0), fast=(0.90, 0.88, 0.99, 900.0))
+    assert best_of(results, "student") == "slow"
+    assert best_of(results, "teacher") is None
+
+
+def test_a_system_slowed_on_purpose_loses_the_headline(trained_pipeline):
+    """Time two real ONNX Runtime students that predict the same (FP32 and the same graph
+    again), one of them made slower by a sleep inside each model call: the timing must see it,
+    and the choice must go to the other; then the other way round."""
+    from components import evaluate
+    from components.config import apply_overrides, validate
+
+    params, _ = trained_pipeline
+    params = validate(apply_overrides(params.to_dict(), {"evaluate.repeats": 5,
+                                                         "evaluate.latency_examples": 3}))
+    systems = {s.name: s for s in evaluate.build_systems(params)[0]}
+    base = systems["student_onnx"]
+    texts = evaluate.load_split(params.paths, "test")["text"].tolist()[:48]
+
+    def slowed(system, seconds):
+        def run(ids, mask):
+            time.sleep(seconds)
+            return system.run(ids, mask)
+        return dataclasses.replace(system, run=run)
+
+    for slow in ("a", "b"):
+        twins = [dataclasses.replace(base, name=name, run=base.run) if name != slow
+                 else dataclasses.replace(slowed(base, 0.01), name=name) for name in "ab"]
+        timings, logits = evaluate.measure_time(twins, texts, params, progress=False)
+        assert np.array_equal(logits["a"], logits["b"])
+        assert timings[slow]["model_throughput_per_s"] < 0.7 * timings[
+            "b" if slow == "a" else "a"]["model_throughput_per_s"]
+        results = {name: {"side": "student", **timings[name],
+                          "validation": {"accuracy": 0.9, "accuracy_ci": [0.85, 0.95]}}
+                   for name in "ab"}
+        assert evaluate.best_of(results, "student") == ("b" if slow == "a" else "a")
+
+
+def test_the_deployed_path_is_timed_and_predicts_what_evaluate_scored(trained_pipeline):
+    """The cascade run through the bundle's Predictor defers exactly the test texts the cost
+    model counted (same graphs, same threshold, the bundle's own preprocessing), and its
+    measured time sits beside the cost model."""
+    params, results = trained_pipeline
+    m = results["evaluate"]
+    d = m["deployed"]
+    assert d["system"] == params.evaluate.cascade.student
+    assert d["student"]["throughput_per_s"] > 0 and d["student"]["vs_evaluate_end_to_end"] > 0
+    chosen = m["cascade"]["chosen"]
+    if chosen is not None:
+        assert d["cascade"]["deferred_fraction"] == pytest.approx(chosen["deferred_fraction"])
+        assert chosen["measured_ms_per_example"] > 0
+        assert chosen["expected_ms_per_example"] > 0
 
 
 def test_the_dvc_output_holds_no_timing(trained_pipeline):
@@ -75,9 +147,8 @@ def test_the_dvc_output_holds_no_timing(trained_pipeline):
     timing_words = ("ms", "throughput", "latency", "tokenize", "timing", "speed", "per_s")
     flat = json.dumps(record)
     assert not [w for w in timing_words if f'_{w}' in flat or f'"{w}' in flat], flat[:500]
-    for name, r in record["systems"].items():
-        for key, value in r.items():
-            assert metrics["systems"][name][key] == value, (name, key)
+    assert set(record["systems"]["student"]) >= {"accuracy", "accuracy_ci", "validation",
+                                                  "gflops_per_example", "size_mb"}
     policy = record["cascade"]
     assert policy["teacher"] == params.evaluate.cascade.teacher
     assert policy["chosen"] is None or (
@@ -113,15 +184,13 @@ def test_cascade_is_chosen_on_validation_and_reported_on_test(trained_pipeline):
     first, last = points[0], points[-1]
     assert first["threshold"] == 0.0 and first["deferred_fraction"] == 0.0
     assert first["accuracy"] == student["accuracy"]
-    # Cost: measured end-to-end ms per example at the deployment batch size.
-    assert first["expected_ms_per_example"] == pytest.approx(student["ms_per_example"])
     assert last["threshold"] == 1.0 and last["deferred_fraction"] == 1.0
     assert last["accuracy"] == teacher["accuracy"]
-    assert last["expected_ms_per_example"] == pytest.approx(
-        student["ms_per_example"] + teacher["ms_per_example"])
     assert len(points) == params.evaluate.cascade.thresholds
     fractions = [p["deferred_fraction"] for p in points]
     assert fractions == sorted(fractions)  # a higher threshold never defers less
+    costs = [p["expected_ms_per_example"] for p in points]
+    assert costs == sorted(costs)  # deferring more never costs less
     chosen = c["chosen"]
     if chosen is not None:
         # The choice is made on validation numbers only: the threshold deferring least (so the
@@ -133,8 +202,6 @@ def test_cascade_is_chosen_on_validation_and_reported_on_test(trained_pipeline):
         lo, hi = chosen["accuracy_ci"]
         assert lo <= chosen["accuracy"] <= hi
         assert "vs_teacher" in chosen
-        assert chosen["speedup_vs_best_teacher"] == pytest.approx(
-            systems[m["best_teacher"]]["ms_per_example"] / chosen["expected_ms_per_example"])
 
 
 def test_bootstrap_intervals_and_mcnemar():

@@ -14,7 +14,7 @@ it runs and is tested on a CPU; `components.trt.engines` compiles the result on 
   and implicit INT8 leaves most of a BERT-like encoder in FP16 because TensorRT only picks INT8
   where it happens to be faster. Instead ONNX Runtime's static quantiser inserts symmetric
   QuantizeLinear/DequantizeLinear pairs around the weight MatMuls (per-channel int8 weights,
-  per-tensor int8 activations, entropy calibration on real validation batches), leaving the
+  per-tensor int8 activations, entropy calibration on real training batches), leaving the
   embedding, LayerNorm, Softmax, attention products and the classifier head in float. This is
   the graph TensorRT must honour, and its INT8 parity reference is the same Q/DQ graph run by
   ONNX Runtime (`reference_session(..., optimize=False)`), so the parity check measures

@@ -27,7 +27,8 @@ from components.config import Params, ParamsError, load_params, stage_params
 PARAMS_FILE = "params.json"
 # An existing folder holding any of these at its top level is a project, a package or a
 # repository, never a stage's earlier output: atomic_dir refuses to replace it (a second line of
-# defence behind config.path_problems, which refuses such paths.* values up front).
+# defence: output locations are fixed in dvc.yaml, and config.path_problems checks the ones
+# code sets).
 NOT_AN_OUTPUT = (".git", ".dvc", "dvc.yaml", "params.yaml", "__init__.py")
 DEBUG_ENV = "STILL_DEBUG"
 REDACTED = "***"
@@ -321,12 +322,12 @@ def refuse_to_replace(final: Path) -> None:
         return  # a link is replaced, not its target
     if not final.is_dir():
         raise StageError(f"{final} is an existing file, not an output folder; refusing to "
-                         "replace it: point the paths.* entry at a folder of its own")
+                         "replace it: move it away (this stage writes its output there)")
     found = [name for name in NOT_AN_OUTPUT if (final / name).exists()]
     if found:
         raise StageError(f"{final} holds {', '.join(found)}: it is source code or a project, "
-                         "not a stage output; refusing to replace it: point the paths.* entry "
-                         "at a folder of its own")
+                         "not a stage output; refusing to replace it: move it away (this stage "
+                         "writes its output there)")
 
 
 def file_size(path: str | Path) -> int:

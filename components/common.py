@@ -491,6 +491,18 @@ def refuse_to_replace(final: Path) -> None:
                          "writes its output there)")
 
 
+def cut_at_word(text: str, max_chars: int) -> str:
+    """`text` when it is at most `max_chars` long, else its start cut at the last whitespace at
+    or before `max_chars` (no word is split; trailing whitespace dropped), or at `max_chars`
+    itself when there is none (a text without spaces: a blob, CJK)."""
+    if len(text) <= max_chars:
+        return text
+    end = max_chars  # text[max_chars] exists: the text is longer
+    while end > 0 and not text[end].isspace():
+        end -= 1
+    return text[:end].rstrip() if end > 0 and text[:end].strip() else text[:max_chars]
+
+
 def file_size(path: str | Path) -> int:
     path = Path(path)
     if path.is_dir():

@@ -25,6 +25,9 @@ from pydantic import (
 )
 
 DEFAULT_PARAMS = Path("params.yaml")
+# The smallest prepare.max_chars: a few pages of text, more than any model here reads of a text
+# (its max_length tokens, or the distill windows' first few hundred words).
+MIN_MAX_CHARS = 10_000
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 # Lightning's accepted `precision=` values, copied from lightning_fabric.plugins.precision.precision
 # (_PRECISION_INPUT_STR, _PRECISION_INPUT_INT and the legacy _PRECISION_INPUT_STR_ALIAS), so a typo
@@ -154,6 +157,10 @@ class Prepare(_Section):
     label_column: str = "label"
     hf_split: str = "train"
     min_chars: int = Field(1, ge=1)
+    # Longer texts are cut at a word boundary (whitespace) at or before this many characters and
+    # counted (report.json `truncated`): a whole book in one row would otherwise cost every
+    # later stage time for text no model reads. The floor is far beyond what a model reads.
+    max_chars: int = Field(1_000_000, ge=MIN_MAX_CHARS)
     validation_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.15, gt=0, lt=1)
     deduplicate: bool = True
@@ -164,8 +171,9 @@ class Prepare(_Section):
     # one class (every merge is listed in report.json `label_merges`).
     labels_casefold: bool = True  # "Spam", "SPAM" -> "spam"
     labels_numeric: bool = True  # "1", "1.0", "01", 1 -> "1"
-    # Connect and read timeout (seconds) for a remote source: a silent server fails the stage
-    # after this long instead of hanging it.
+    # The longest wait (seconds) for a remote source to answer: connecting, fsspec's retries and
+    # re-requests, and any stall of a read (a download that keeps coming is never cut). A silent
+    # server fails the stage after this long; a wait over 5 s prints what it waits for.
     timeout_s: float = Field(60.0, gt=0)
 
     _source_not_blank = field_validator("source")(_not_blank)
@@ -176,6 +184,13 @@ class Prepare(_Section):
             raise ValueError(
                 "validation_fraction + test_fraction must be < 0.9 so the train split keeps data"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _max_chars_above_min_chars(self) -> Prepare:
+        if self.max_chars < self.min_chars:
+            raise ValueError(f"prepare.max_chars={self.max_chars} is below prepare.min_chars="
+                             f"{self.min_chars}: every text would be too short or cut")
         return self
 
     @model_validator(mode="after")

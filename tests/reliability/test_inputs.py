@@ -228,6 +228,10 @@ def test_atomic_dir_never_replaces_a_file_and_a_stage_stops_before_writing(tmp_p
     ("prepare.source=", "prepare.source: is empty"),
     ("prepare.source='   '", "prepare.source: is empty"),
     ("teacher.model=''", "teacher.model: is empty"),
+    ("prepare.max_chars=500", "prepare.max_chars: Input should be greater than or equal to "
+                              "10000 (got 500)"),
+    ("prepare.min_chars=2000000", "prepare: prepare.max_chars=1000000 is below "
+                                  "prepare.min_chars=2000000"),
 ])
 def test_still_validate_refuses_impossible_values(tmp_path, capsys, override, expected):
     path = project_params(tmp_path)

@@ -8,8 +8,8 @@ stage, `--format` for the command line). Every loader is a generator: it yields 
 that could not even be parsed (malformed records, undecodable bytes, missing fields) and the
 folder entries not read. So a reader never holds more of the source than one record, one
 Parquet batch (`Reader.batch_rows` rows) or one file of a folder: `stream_source` hands the
-rows on one by one (prepare, whose memory must not grow with the dataset), `read_source` /
-`load_rows` collect them into `Rows` lists (`still predict --input`). What counts as a usable
+rows on one by one (prepare and `still predict --input`, whose memory must not grow with the
+input), `read_source` / `load_rows` collect them into `Rows` lists. What counts as a usable
 text (`text_problem`) is decided here too; label rules stay in prepare.
 """
 

@@ -1,7 +1,8 @@
-"""How the data stages scale with the number of rows: wall time, examples/s and peak memory of
-prepare, tokenizer, label (the teacher's cached outputs) and one distill epoch at N = 20k, 100k
-and 200k synthetic labelled rows (issue 16). The targets: every stage's peak RSS at the largest N
-within 1.5x of the smallest N's, and its net examples/s within 20% across N.
+"""How the data stages and `still predict` scale with the number of rows: wall time, examples/s
+and peak memory of prepare, tokenizer, label (the teacher's cached outputs) and one distill epoch
+at N = 20k, 100k and 200k synthetic labelled rows (issue 16), and of `still predict --input` on N
+= 10k, 100k and 1M rows (issue 27). The targets: every stage's peak RSS at the largest N within
+1.5x of the smallest N's, and its net examples/s within 20% across N.
 
 Data: N rows of `CLASSES` classes, texts of 40-80 words (uniform) drawn from a seeded generator:
 Zipf-distributed words shared by all classes, a quarter of the words from a class's own words
@@ -18,6 +19,12 @@ reading 32 tokens, teacher at 32 tokens), then `SCALE_OVERRIDES`: a 2000-token B
 without the cost curve, one distill epoch at batch 32, windows on with one 24-word window per
 training text (so label and distill see about twice the training texts), tracking disabled, 2
 threads.
+
+predict: `python -m components.cli predict --input <N rows>.csv --output predictions.jsonl`
+with a bundle the same tiny pipeline ships (prepare, tokenizer, label, distill, export, evaluate,
+ship run once as processes on `BUNDLE_ROWS` rows into `--out/bundle/`, reused when present; or
+`--bundle DIR`): the texts of the same synthetic CSV, the student's ONNX INT8 graph at the
+bundle's batch size (32), ONNX Runtime on all cores. Its examples are the lines it wrote.
 
 Each N gets a scratch project `--out/<N>/` (params.yaml, the CSV, the stages' outputs) and every
 stage runs there as its own process, `python -m components.<stage>`, as DVC runs it, so the
@@ -44,6 +51,10 @@ everything is written to `--out/results.json` (stage logs in `--out/logs/<N>/`).
     python benchmarks/scale.py [--sizes 20000 100000 200000] [--baseline 1000]
         [--stages prepare tokenizer label distill] [--out benchmarks/out/scale] [--keep]
         [--repeats 3]
+    python benchmarks/scale.py --stages predict --sizes 10000 100000 1000000 [--bundle DIR]
+
+`--code DIR` runs the measured processes from another checkout of the project (the harness,
+data and bundle stay this one's): a before/after comparison on the same data.
 """
 
 from __future__ import annotations
@@ -68,6 +79,11 @@ from components.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("prepare", "tokenizer", "label", "distill")  # the dvc.yaml order, teacher aside
+COMMANDS = ("predict",)  # measured on a shipped bundle, after the stages asked for
+MEASURED = STAGES + COMMANDS
+BUNDLE_STAGES = ("prepare", "tokenizer", "label", "distill", "export", "evaluate", "ship")
+BUNDLE_ROWS = 2000  # synthetic rows the bundle's tiny pipeline trains on
+PREDICTIONS = "predictions.jsonl"
 RSS_TARGET = 1.5  # peak RSS at the largest N over the smallest N's, at most
 RATE_TOLERANCE = 0.2  # net ex/s at every N within this fraction of the smallest N's
 REPEAT_UNDER_S = 20.0  # measured stages that ran shorter than this are run `--repeats` times
@@ -101,6 +117,8 @@ SCALE_OVERRIDES = {
     "distill.windows.stride": 24,
     "distill.windows.max_per_text": 1,
 }
+# And for the bundle predict runs: the production deployment batch size (what predict uses).
+BUNDLE_OVERRIDES = {"evaluate.throughput_batch_size": 32}
 
 
 def _conftest():
@@ -189,7 +207,7 @@ def build_teacher(folder: Path, seed: int = SEED) -> Path:
     return folder
 
 
-def make_project(project: Path, n: int, teacher: Path):
+def make_project(project: Path, n: int, teacher: Path, **overrides):
     """A scratch project for N rows: the CSV, params.yaml and the teacher in `paths.teacher`."""
     shutil.rmtree(project, ignore_errors=True)
     project.mkdir(parents=True)
@@ -199,7 +217,7 @@ def make_project(project: Path, n: int, teacher: Path):
     print(f"N={n}: {source} written in {time.perf_counter() - started:.1f} s "
           f"({source.stat().st_size / 1e6:.1f} MB)", flush=True)
     raw = _conftest().tiny_raw_params(None, source.resolve(), teacher.resolve(),
-                                      **SCALE_OVERRIDES)
+                                      **SCALE_OVERRIDES, **overrides)
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     params = load_params(project / "params.yaml")  # a bad key stops here, named
     shutil.copytree(teacher, project / params.paths.teacher)
@@ -227,17 +245,47 @@ with open(sys.argv[1], "w") as f:
 """
 
 
-def run_stage(stage: str, project: Path, logs: Path) -> tuple[float, float]:
+def build_bundle(folder: Path, teacher: Path, code: Path = ROOT) -> Path:
+    """A bundle shipped by the tiny pipeline on BUNDLE_ROWS synthetic rows (every stage a
+    process, as DVC runs them), in `folder`; reused when present."""
+    if (folder / "bundle.json").is_file():
+        return folder
+    project = folder.parent / "bundle-project"
+    params = make_project(project, BUNDLE_ROWS, teacher, **BUNDLE_OVERRIDES)
+    started = time.perf_counter()
+    for stage in BUNDLE_STAGES:
+        run_stage(stage, project, project / "logs", code)
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(project / params.paths.bundle, folder)
+    shutil.rmtree(project)
+    print(f"bundle: {folder} shipped in {time.perf_counter() - started:.1f} s", flush=True)
+    return folder
+
+
+def run_stage(stage: str, project: Path, logs: Path, code: Path = ROOT) -> tuple[float, float]:
     """Run `python -m components.<stage>` in `project` (through LAUNCHER); its wall seconds and
     peak RSS in MiB."""
+    return run_process(stage, ["-m", f"components.{stage}"], project, logs, code)
+
+
+def run_predict(project: Path, bundle: Path, logs: Path, code: Path = ROOT) -> tuple[float, float]:
+    """`still predict` on the project's CSV with `bundle` (through LAUNCHER)."""
+    return run_process("predict", ["-m", "components.cli", "predict", "--bundle", str(bundle),
+                                   "--input", "source.csv", "--output", PREDICTIONS],
+                       project, logs, code)
+
+
+def run_process(name: str, args: list[str], project: Path, logs: Path,
+                code: Path = ROOT) -> tuple[float, float]:
+    """Run `python <args>` in `project` with the project code of `code` first on the path
+    (through LAUNCHER); its wall seconds and peak RSS in MiB."""
     logs.mkdir(parents=True, exist_ok=True)
-    pythonpath = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    pythonpath = [str(code), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath), "WANDB_MODE": "disabled",
            "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
-    out, err, usage = (logs / f"{stage}.{x}" for x in ("out", "err", "rusage.json"))
+    out, err, usage = (logs / f"{name}.{x}" for x in ("out", "err", "rusage.json"))
     usage.unlink(missing_ok=True)
-    cmd = [sys.executable, "-S", "-c", LAUNCHER, str(usage),
-           sys.executable, "-m", f"components.{stage}"]
+    cmd = [sys.executable, "-S", "-c", LAUNCHER, str(usage), sys.executable, *args]
     with open(out, "w") as stdout, open(err, "w") as stderr:
         # Its own session, so that an interrupted run stops the stage too.
         proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=stdout, stderr=stderr,
@@ -251,7 +299,7 @@ def run_stage(stage: str, project: Path, logs: Path) -> tuple[float, float]:
     result = json.loads(usage.read_text()) if usage.is_file() else {"exit": proc.returncode}
     if result["exit"] or proc.returncode:
         tail = err.read_text(errors="replace").replace("\r", "\n").strip().splitlines()[-25:]
-        raise StageFailed(f"{stage} exited with status {result['exit']} in {project}; the end "
+        raise StageFailed(f"{name} exited with status {result['exit']} in {project}; the end "
                           f"of its stderr ({err}):\n    " + "\n    ".join(tail))
     return result["wall_s"], result["maxrss_kib"] / 1024  # KiB on Linux
 
@@ -263,9 +311,16 @@ def count_examples(stage: str, project: Path, params) -> int | None:
         return json.loads((project / folder / name).read_text())
 
     try:
+        if stage == "predict":  # one JSON line per text predicted
+            return count_lines(project / PREDICTIONS)
         return _count(stage, read, params)
     except (OSError, KeyError, TypeError, ValueError):
         return None
+
+
+def count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
 def _count(stage: str, read, params) -> int:
@@ -280,22 +335,27 @@ def _count(stage: str, read, params) -> int:
     return read(params.paths.student, "metrics.json")["train_examples"]
 
 
-def measure(n: int, args, teacher: Path, role: str) -> list[dict]:
-    """Every stage up to the last one asked for, at N rows; one row per stage asked for."""
+def measure(n: int, args, teacher: Path, bundle: Path | None, role: str) -> list[dict]:
+    """Every stage up to the last one asked for, then predict if asked for, at N rows; one row
+    per stage or command asked for."""
     project = args.out / str(n)
     params = make_project(project, n, teacher)
-    last = max(STAGES.index(s) for s in args.stages)
+    last = max((STAGES.index(s) for s in args.stages if s in STAGES), default=-1)
+    logs = args.out / "logs" / str(n)
+    runs = [(stage, lambda stage=stage: run_stage(stage, project, logs, args.code))
+            for stage in STAGES[:last + 1]]
+    if "predict" in args.stages:
+        runs.append(("predict", lambda: run_predict(project, bundle, logs, args.code)))
     rows = []
-    for stage in STAGES[:last + 1]:
-        wall, rss = run_stage(stage, project, args.out / "logs" / str(n))
+    for stage, run in runs:
+        wall, rss = run()
         if stage in args.stages and wall < REPEAT_UNDER_S and args.repeats > 1:
             # A run of a few seconds moves by tenths of a second from one start to the next
             # (scheduling, disk cache): rerun it (the stage replaces its output) and keep the
             # median wall time and the largest peak.
-            runs = [(wall, rss)] + [run_stage(stage, project, args.out / "logs" / str(n))
-                                    for _ in range(args.repeats - 1)]
-            wall = float(np.median([w for w, _ in runs]))
-            rss = max(r for _, r in runs)
+            again = [(wall, rss)] + [run() for _ in range(args.repeats - 1)]
+            wall = float(np.median([w for w, _ in again]))
+            rss = max(r for _, r in again)
         examples = count_examples(stage, project, params)
         if examples is None:
             print(f"N={n}: {stage} wrote no count of its examples where expected; using N")
@@ -316,7 +376,7 @@ def measure(n: int, args, teacher: Path, role: str) -> list[dict]:
 
 def add_ratios(rows: list[dict], sizes: list[int]) -> None:
     """Net ex/s against the baseline row of the same stage, and the ratios to the smallest N."""
-    for stage in STAGES:
+    for stage in MEASURED:
         base = next((r for r in rows if r["stage"] == stage and r["role"] == "baseline"), None)
         measured = [r for r in rows if r["stage"] == stage and r["role"] == "size"]
         for r in measured:
@@ -332,7 +392,7 @@ def add_ratios(rows: list[dict], sizes: list[int]) -> None:
 
 def verdicts(rows: list[dict], has_baseline: bool) -> dict[str, dict]:
     out = {}
-    for stage in STAGES:
+    for stage in MEASURED:
         measured = sorted((r for r in rows if r["stage"] == stage and r["role"] == "size"),
                           key=lambda r: r["n"])
         if len(measured) < 2:
@@ -391,6 +451,7 @@ def save(rows: list[dict], checks: dict, args, complete: bool) -> Path:
         "stages": args.stages, "rows": rows, "verdicts": checks,
         "targets": {"rss_ratio_max": RSS_TARGET, "rate_tolerance": RATE_TOLERANCE},
         "overrides": SCALE_OVERRIDES, "seed": SEED, "cpus": os.cpu_count(),
+        "code": str(args.code), "bundle": str(args.bundle or args.out / "bundle"),
         "python": platform.python_version(), "machine": platform.machine(),
     }, indent=2) + "\n")
     return path
@@ -402,8 +463,14 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[20000, 100000, 200000])
     parser.add_argument("--baseline", type=int, default=1000,
                         help="rows of the fixed-cost run behind net ex/s (0: none)")
-    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
-                        help="stages to measure (earlier ones still run, unmeasured)")
+    parser.add_argument("--stages", nargs="+", choices=MEASURED, default=list(STAGES),
+                        help="stages to measure (earlier ones still run, unmeasured); predict "
+                             "needs none of them")
+    parser.add_argument("--bundle", type=Path,
+                        help="the bundle predict uses (default: one the tiny pipeline ships "
+                             "into --out/bundle, built once)")
+    parser.add_argument("--code", type=Path, default=ROOT,
+                        help="run the measured processes from this checkout (before/after)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "scale")
     parser.add_argument("--repeats", type=int, default=3,
                         help=f"runs of a measured stage that took under {REPEAT_UNDER_S} s "
@@ -421,12 +488,16 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     teacher = build_teacher(args.out / "teacher")
+    bundle = None
+    if "predict" in args.stages:
+        bundle = (args.bundle.resolve() if args.bundle
+                  else build_bundle(args.out / "bundle", teacher))
     rows: list[dict] = []
     runs = ([(args.baseline, "baseline")] if args.baseline else []) + [
         (n, "size") for n in args.sizes]
     try:
         for n, role in runs:
-            rows += measure(n, args, teacher, role)
+            rows += measure(n, args, teacher, bundle, role)
     except StageFailed as err:
         add_ratios(rows, args.sizes)
         if rows:

@@ -98,10 +98,10 @@ def verify(folder: str | Path) -> dict[str, Any]:
     path = folder / MANIFEST
     if not folder.is_dir():
         raise BundleError(f"{folder}: no such bundle folder (`dvc repro` writes one to "
-                          "paths.bundle, artifacts/bundle by default)")
+                          "artifacts/bundle)")
     if not path.is_file():
         raise BundleError(f"{folder}: not a still bundle (no {MANIFEST}); point --bundle at "
-                          "the folder the ship stage wrote (paths.bundle)")
+                          "the folder the ship stage wrote (artifacts/bundle)")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:

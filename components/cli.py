@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     pred = sub.add_parser("predict", help="classify texts with a bundle (dvc repro ships one)")
     pred.add_argument("texts", nargs="*", help="texts to classify (or --input FILE)")
     pred.add_argument("--bundle", default="artifacts/bundle",
-                      help="bundle folder (default: artifacts/bundle, paths.bundle)")
+                      help="bundle folder (default: artifacts/bundle, where the ship stage "
+                           "writes it)")
     pred.add_argument("--input", help="csv/tsv/jsonl/parquet file or fsspec URI of texts")
     pred.add_argument("--output", help="JSON lines out, one per usable input row (with --input)")
     pred.add_argument("--cascade", action="store_true",

@@ -1,19 +1,22 @@
 """Small helpers every stage uses: atomic outputs, resolved params beside artifacts, seeding,
 `pkg:` locations for data and weights that ship inside installed packages, and safe reading:
-`reading` (a damaged file becomes one StageError naming it and the fix), `remote_options`
-(connect/read timeouts for remote sources) and `walk_local` (the files under a source folder,
+`reading` (a damaged file becomes one StageError naming it and the fix), `remote_options` and
+`RemoteWaits` (timeouts for remote sources, bounding each whole wait and saying what it waits
+for) and `walk_local` (the files under a source folder,
 never leaving it, never hidden ones)."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import json
 import os
 import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +30,8 @@ from components.config import Params, ParamsError, load_params, stage_params
 PARAMS_FILE = "params.json"
 # An existing folder holding any of these at its top level is a project, a package or a
 # repository, never a stage's earlier output: atomic_dir refuses to replace it (a second line of
-# defence behind config.path_problems, which refuses such paths.* values up front).
+# defence: output locations are fixed in dvc.yaml, and config.path_problems checks the ones
+# code sets).
 NOT_AN_OUTPUT = (".git", ".dvc", "dvc.yaml", "params.yaml", "__init__.py")
 DEBUG_ENV = "STILL_DEBUG"
 REDACTED = "***"
@@ -167,7 +171,8 @@ def reading(path: str | Path, what: str, fix: str) -> Iterator[None]:
 def remote_options(location: str, timeout_s: float) -> dict[str, Any]:
     """fsspec storage options that bound how long a remote server may stay silent: a connect
     and a per-read timeout of `timeout_s` seconds (no cap on a whole download, which may be
-    long). Empty for local paths and for protocols without such a setting."""
+    long). Empty for local paths and for protocols without such a setting. `RemoteWaits` adds
+    the bound on a whole call (its retries and re-requests included)."""
     protocol = location.split("://", 1)[0].lower() if "://" in location else "file"
     if protocol in ("http", "https"):
         import aiohttp
@@ -179,6 +184,163 @@ def remote_options(location: str, timeout_s: float) -> dict[str, Any]:
     if protocol in ("gs", "gcs"):
         return {"timeout": timeout_s}
     return {}
+
+
+# A wait for a remote server longer than this gets a line saying what it waits for, and another
+# every NOTICE_EVERY_S while it lasts.
+NOTICE_AFTER_S = 5.0
+NOTICE_EVERY_S = 10.0
+
+
+class RemoteWaits:
+    """Every wait of a stage for one remote location: bounded by `timeout_s`, and said.
+
+    fsspec's HTTP filesystem asks a silent server twice for one file's size (HEAD, then GET),
+    each time for the client's whole read timeout, and other filesystems retry too, so the
+    per-request timeouts of `remote_options` alone let a stage sit silent for a multiple of
+    `timeout_s`. Here:
+    - `call` runs a metadata call (info, exists, isdir, ls: a few small requests) with its whole
+      wait, retries included, bounded by `timeout_s` (fsspec cancels it and raises its
+      FSTimeoutError, a TimeoutError);
+    - `open` opens a file for reading after such a bounded `info` (a missing file or a silent
+      server fails there), and reads it through a wrapper that says when a read waits; a read
+      that gets no data for `timeout_s` is ended by the client's per-read timeout. A download
+      that keeps receiving data is never cut: HTTP files read sequentially (csv, tsv, jsonl,
+      compressed or not) are streamed, so a read returns as soon as data arrives;
+    - while any of these waits longer than NOTICE_AFTER_S, a line on stderr says what for:
+      `prepare: waiting for https://host/data.csv (5 s of 60 s)` (again every NOTICE_EVERY_S).
+
+    Args:
+        location: the location as the user wrote it (shown in notices, secrets redacted).
+        timeout_s: the longest wait for an answer, in seconds.
+        who: the stage or command waiting (`prepare`, `source`, `predict`).
+    """
+
+    def __init__(self, location: str, timeout_s: float, who: str):
+        self.location = redact(location)
+        self.timeout_s = timeout_s
+        self.who = who
+        self._since: float | None = None
+        self._notices = 0
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Say what this block waits for while it runs longer than NOTICE_AFTER_S."""
+        self._since, self._notices = time.monotonic(), 0
+        _NOTICES.watch(self)
+        try:
+            yield
+        finally:
+            _NOTICES.forget(self)
+            self._since = None
+
+    def _tick(self, now: float) -> None:
+        """Print the next notice when it is due (called by the notice thread)."""
+        since = self._since
+        if since is None:
+            return
+        waited = now - since
+        if waited >= NOTICE_AFTER_S + self._notices * NOTICE_EVERY_S:
+            self._notices += 1
+            print(f"{self.who}: waiting for {self.location} ({waited:.0f} s of "
+                  f"{self.timeout_s:g} s)", file=sys.stderr, flush=True)
+
+    def call(self, fs: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+        """`fs.<method>(*args, **kwargs)`, its whole wait bounded by `timeout_s` on an async
+        (remote) filesystem: only for calls that make a few small requests, never for a
+        download or a long listing, which may take longer while data keeps coming."""
+        from fsspec.asyn import AsyncFileSystem, sync
+
+        with self.waiting():
+            coroutine = getattr(fs, f"_{method}", None)
+            if isinstance(fs, AsyncFileSystem) and not fs.asynchronous and coroutine:
+                return sync(fs.loop, coroutine, *args, timeout=self.timeout_s, **kwargs)
+            return getattr(fs, method)(*args, **kwargs)
+
+    def watched(self, fs: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+        """`fs.<method>(*args, **kwargs)` announced while it waits, bounded only by the client's
+        per-request timeouts (a listing or download that keeps receiving data is not cut)."""
+        with self.waiting():
+            return getattr(fs, method)(*args, **kwargs)
+
+    def open(self, fs: Any, path: str, sequential: bool) -> io.BufferedReader:
+        """`path` on `fs` opened for reading (binary, buffered), every read announced while it
+        waits. `sequential`: the caller reads it from start to end (an HTTP file is then
+        streamed); otherwise it may seek (Parquet)."""
+        from fsspec.implementations.http import HTTPFileSystem
+
+        size = self.call(fs, "info", path).get("size")
+        with self.waiting():
+            if isinstance(fs, HTTPFileSystem):
+                # The size just read spares fsspec a second HEAD, which would not be bounded
+                # (without one, it asks again: the server answered a moment ago).
+                raw = fs.open(path, "rb", block_size=0 if sequential else None, size=size)
+            else:
+                raw = fs.open(path, "rb")
+        return io.BufferedReader(_WaitedReads(raw, self), buffer_size=1 << 20)
+
+
+class _WaitedReads(io.RawIOBase):
+    """A remote file whose every read is `RemoteWaits.waiting`."""
+
+    def __init__(self, raw: Any, waits: RemoteWaits):
+        super().__init__()
+        self._raw, self._waits = raw, waits
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self._raw.seekable()
+
+    def readinto(self, buffer: Any) -> int:
+        with self._waits.waiting():
+            data = self._raw.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+class _Notices:
+    """One daemon thread that lets every `RemoteWaits` currently waiting print its notices."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: set[RemoteWaits] = set()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, waits: RemoteWaits) -> None:
+        with self._lock:
+            self._waiting.add(waits)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="still-notices",
+                                                daemon=True)
+                self._thread.start()
+
+    def forget(self, waits: RemoteWaits) -> None:
+        with self._lock:
+            self._waiting.discard(waits)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(0.25)
+            with self._lock:
+                waiting = list(self._waiting)
+            for waits in waiting:
+                waits._tick(time.monotonic())
+
+
+_NOTICES = _Notices()
 
 
 def remote_problem(where: str, err: BaseException, timeout_s: float,
@@ -321,12 +483,24 @@ def refuse_to_replace(final: Path) -> None:
         return  # a link is replaced, not its target
     if not final.is_dir():
         raise StageError(f"{final} is an existing file, not an output folder; refusing to "
-                         "replace it: point the paths.* entry at a folder of its own")
+                         "replace it: move it away (this stage writes its output there)")
     found = [name for name in NOT_AN_OUTPUT if (final / name).exists()]
     if found:
         raise StageError(f"{final} holds {', '.join(found)}: it is source code or a project, "
-                         "not a stage output; refusing to replace it: point the paths.* entry "
-                         "at a folder of its own")
+                         "not a stage output; refusing to replace it: move it away (this stage "
+                         "writes its output there)")
+
+
+def cut_at_word(text: str, max_chars: int) -> str:
+    """`text` when it is at most `max_chars` long, else its start cut at the last whitespace at
+    or before `max_chars` (no word is split; trailing whitespace dropped), or at `max_chars`
+    itself when there is none (a text without spaces: a blob, CJK)."""
+    if len(text) <= max_chars:
+        return text
+    end = max_chars  # text[max_chars] exists: the text is longer
+    while end > 0 and not text[end].isspace():
+        end -= 1
+    return text[:end].rstrip() if end > 0 and text[:end].strip() else text[:max_chars]
 
 
 def file_size(path: str | Path) -> int:

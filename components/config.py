@@ -25,6 +25,9 @@ from pydantic import (
 )
 
 DEFAULT_PARAMS = Path("params.yaml")
+# The smallest prepare.max_chars: a few pages of text, more than any model here reads of a text
+# (its max_length tokens, or the distill windows' first few hundred words).
+MIN_MAX_CHARS = 10_000
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 # Lightning's accepted `precision=` values, copied from lightning_fabric.plugins.precision.precision
 # (_PRECISION_INPUT_STR, _PRECISION_INPUT_INT and the legacy _PRECISION_INPUT_STR_ALIAS), so a typo
@@ -34,10 +37,13 @@ LightningPrecision = Literal[
     "transformer-engine", "transformer-engine-float16",
     16, 32, 64, "16", "32", "64", "bf16",
 ]
-# Top-level entries of the project that a stage output must never be or sit in: every stage
-# replaces its whole output folder (components/common.py atomic_dir).
+# Top-level entries of this project's code folder that an output location built in code (tests,
+# notebooks) must never be or sit in: every stage replaces its whole output folder
+# (components/common.py atomic_dir).
 PROTECTED_ENTRIES = ("components", "flows", "tests", "infra", "benchmarks", ".git", ".dvc",
                      "params.yaml", "dvc.yaml", "dvc.lock", "pyproject.toml")
+# The folder holding this code (components/ and its siblings).
+CODE_ROOT = Path(__file__).resolve().parents[1]
 
 
 class ParamsError(ValueError):
@@ -79,17 +85,45 @@ class _Section(BaseModel):
 
 
 class Paths(_Section):
-    source_version: str
-    data: str
-    tokenizer: str
-    teacher: str
-    teacher_outputs: str
-    student: str
-    export: str
-    evaluate: str
-    results: str
-    bundle: str
-    wandb: str
+    """Where every stage writes. These are fixed: dvc.yaml names the same locations literally
+    (outs, deps, metrics, plots; tests/test_contract.py keeps the two equal) and params.yaml has
+    no `paths:` section (`load_params` refuses one), because DVC deletes a stage's declared
+    outputs before it runs the stage: no params value may decide what gets deleted. Code that
+    builds params itself (tests, notebooks: `validate(raw)`) may point them at other folders;
+    `path_problems` checks those. To keep outputs on a bigger disk, put DVC's cache there
+    (`dvc cache dir PATH`, `dvc config cache.type symlink`): the workspace then holds links."""
+
+    source_version: str = "data/source.json"  # source: what identifies prepare.source's data
+    data: str = "data/prepared"  # prepare: train/validation/test Parquet, label map, report
+    tokenizer: str = "artifacts/tokenizer"  # tokenizer: tokenizer.json + metrics.json
+    teacher: str = "artifacts/teacher"  # teacher: HF folder (safetensors) + metrics.json
+    teacher_outputs: str = "artifacts/teacher_outputs"  # label: the teacher's cached outputs
+    student: str = "artifacts/student"  # distill: model.safetensors + config + metrics.json
+    export: str = "artifacts/export"  # export: ONNX graphs, parity.json
+    evaluate: str = "artifacts/evaluate"  # evaluate: quality.json (what predictions decide)
+    # evaluate's measured speed and the decisions that follow from it: git-tracked, declared
+    # as DVC metrics and plots but not as an output (timings stay out of dvc.lock).
+    results: str = "results"
+    bundle: str = "artifacts/bundle"  # ship: what a user deploys (rebuilt on every repro)
+    wandb: str = "artifacts/wandb"  # W&B run files (offline runs sync later)
+
+
+# The stage that writes each location, replacing it whole (DVC deletes the DVC outputs among
+# them before that stage runs). `wandb` is only ever added to.
+WRITTEN_BY = {"source_version": "source", "data": "prepare", "tokenizer": "tokenizer",
+              "teacher": "teacher", "teacher_outputs": "label", "student": "distill",
+              "export": "export", "evaluate": "evaluate", "results": "evaluate",
+              "bundle": "ship"}
+# Written whole by their stage, but not DVC outputs: results/ holds timings (git-tracked, out of
+# dvc.lock), the bundle its run's commit (rebuilt on every repro).
+NOT_DVC_OUTPUTS = ("results", "bundle")
+# A symlinked artifacts/ does not work: DVC refuses an output whose real path is outside the
+# git repository. DVC's cache on the other disk with symlinked files does (checked with DVC
+# 3.67).
+PATHS_REFUSED = ("output locations are fixed in dvc.yaml (data/source.json, data/prepared, "
+                 "artifacts/<stage>, results), so that no params value decides what DVC deletes "
+                 "before a stage runs; remove this section (to keep outputs on a bigger disk, "
+                 "put DVC's cache there: dvc cache dir PATH; dvc config cache.type symlink)")
 
 
 class Tracking(_Section):
@@ -123,6 +157,10 @@ class Prepare(_Section):
     label_column: str = "label"
     hf_split: str = "train"
     min_chars: int = Field(1, ge=1)
+    # Longer texts are cut at a word boundary (whitespace) at or before this many characters and
+    # counted (report.json `truncated`): a whole book in one row would otherwise cost every
+    # later stage time for text no model reads. The floor is far beyond what a model reads.
+    max_chars: int = Field(1_000_000, ge=MIN_MAX_CHARS)
     validation_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.15, gt=0, lt=1)
     deduplicate: bool = True
@@ -133,8 +171,9 @@ class Prepare(_Section):
     # one class (every merge is listed in report.json `label_merges`).
     labels_casefold: bool = True  # "Spam", "SPAM" -> "spam"
     labels_numeric: bool = True  # "1", "1.0", "01", 1 -> "1"
-    # Connect and read timeout (seconds) for a remote source: a silent server fails the stage
-    # after this long instead of hanging it.
+    # The longest wait (seconds) for a remote source to answer: connecting, fsspec's retries and
+    # re-requests, and any stall of a read (a download that keeps coming is never cut). A silent
+    # server fails the stage after this long; a wait over 5 s prints what it waits for.
     timeout_s: float = Field(60.0, gt=0)
 
     _source_not_blank = field_validator("source")(_not_blank)
@@ -145,6 +184,13 @@ class Prepare(_Section):
             raise ValueError(
                 "validation_fraction + test_fraction must be < 0.9 so the train split keeps data"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _max_chars_above_min_chars(self) -> Prepare:
+        if self.max_chars < self.min_chars:
+            raise ValueError(f"prepare.max_chars={self.max_chars} is below prepare.min_chars="
+                             f"{self.min_chars}: every text would be too short or cut")
         return self
 
     @model_validator(mode="after")
@@ -461,7 +507,7 @@ class Ship(_Section):
 
 class Params(_Section):
     seed: int = Field(42, ge=0, lt=2**32)  # numpy's seeds are unsigned 32-bit
-    paths: Paths
+    paths: Paths = Paths()  # fixed in dvc.yaml; only code that builds params sets it
     tracking: Tracking = Tracking()
     trainer: Trainer = Trainer()
     prepare: Prepare
@@ -597,54 +643,53 @@ def format_errors(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def path_problems(paths: Any, root: Path | None = None) -> list[str]:
-    """Every `paths.*` entry a stage could not safely replace, as `paths.x: why (got ...)`.
+def path_problems(paths: Any, base: Path | None = None) -> list[str]:
+    """`checked_paths`' problems."""
+    return checked_paths(paths, base)[0]
 
-    Each stage swaps its whole output folder for a new one, so an entry must not be empty, nor
-    equal to, inside or around another entry (one stage would delete another's output). With
-    `root` (the folder holding params.yaml, i.e. the project), an entry must also be relative,
-    stay inside the project, and be neither the project itself nor a source/control entry of it
-    (PROTECTED_ENTRIES). Without a root (params built in code, e.g. tests on temp folders)
-    only the first rules apply; relative entries are then taken from the working folder.
+
+def checked_paths(paths: Any, base: Path | None = None) -> tuple[list[str], dict[str, Path]]:
+    """Every output location given in code (`validate(raw)` with a `paths` mapping: tests,
+    notebooks) that a stage could not safely replace, as `paths.x: why (got ...)`.
+
+    Each stage swaps its whole output folder for a new one, so an entry must not be empty, be
+    or hold the working folder `base` (default: the current one, which relative entries are
+    read from) or this project's code folder (`CODE_ROOT`), sit inside one of the code
+    folder's source or control entries (PROTECTED_ENTRIES), or be equal to, inside or around
+    another entry (one stage would delete another's output). params.yaml cannot set these at
+    all (`load_params`), so they are checked only here. Returns the problems and the entries
+    without one, resolved.
     """
     if not isinstance(paths, dict):
-        return []  # a missing or mistyped section is reported by pydantic
+        return [], {}  # a mistyped section is reported by pydantic
     problems, resolved = [], {}
-    # Lexical, like the stage's own rename of that path: `..` is folded, symlinks are kept (an
-    # `artifacts` link to a bigger disk is fine; the rename replaces a link, not its target).
-    base = Path(os.path.abspath(root or Path.cwd()))
+    # Lexical, like the stage's own rename of that path: `..` is folded, symlinks are kept (the
+    # rename replaces a link, not its target).
+    base = Path(os.path.abspath(base or Path.cwd()))
     for key in Paths.model_fields:
         value = paths.get(key)
         if not isinstance(value, str):
             continue
         name, got = f"paths.{key}", f"(got {value!r})"
         if not value.strip():
-            problems.append(f"{name}: is empty: the stage would replace the working folder, "
-                            f"i.e. the project, with its output; name a folder {got}")
+            problems.append(f"{name}: is empty: the stage would replace the working folder "
+                            f"with its output; name a folder {got}")
             continue
         where = Path(os.path.normpath(base / value))
-        if root is not None:
-            if Path(value).is_absolute():
-                problems.append(f"{name}: must be relative to the project folder {base} "
-                                f"(an absolute path can point anywhere and ties the pipeline "
-                                f"to this machine) {got}")
-                continue
-            if not where.is_relative_to(base):
-                problems.append(f"{name}: resolves to {where}, outside the project folder "
-                                f"{base}; outputs stay inside the project {got}")
-                continue
-            if where == base:
-                problems.append(f"{name}: is the project folder itself; the stage replaces its "
-                                f"output folder and would delete the project {got}")
-                continue
-            inside = where.relative_to(base).parts
-            if inside[0] in PROTECTED_ENTRIES:
-                what = "is" if len(inside) == 1 else "is inside"
-                problems.append(f"{name}: {what} {inside[0]}, one of the project's source or "
-                                f"control entries; the stage replaces its output folder and "
-                                f"would delete it {got}")
-                continue
-        resolved[key] = where
+        for around, what in ((base, "the working folder"), (CODE_ROOT, "this project's code")):
+            if around.is_relative_to(where):
+                problems.append(f"{name}: is or holds {what} ({around}); the stage replaces "
+                                f"its output folder and would delete it {got}")
+                break
+        else:
+            if where.is_relative_to(CODE_ROOT):
+                top = where.relative_to(CODE_ROOT).parts[0]
+                if top in PROTECTED_ENTRIES:
+                    problems.append(f"{name}: is inside {CODE_ROOT / top}, one of the "
+                                    f"project's source or control entries; the stage "
+                                    f"replaces its output folder and would delete it {got}")
+                    continue
+            resolved[key] = where
     keys = list(resolved)
     for i, key in enumerate(keys):
         same = [k for k in keys[:i] if resolved[k] == resolved[key]]
@@ -660,23 +705,85 @@ def path_problems(paths: Any, root: Path | None = None) -> list[str]:
                             + ", ".join(f"paths.{k} ({paths[k]!r})" for k in inner)
                             + f"; the stage writing paths.{key} replaces the whole folder and "
                             f"would delete them (got {paths[key]!r})")
+    return problems, resolved
+
+
+def _local_input(value: Any) -> str | None:
+    """The local path an input location names (`file://` stripped), or None for a URI, a
+    `pkg:` or `hf:` location, or a value of the wrong type (pydantic reports that)."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    if value.startswith("file://"):
+        return value.removeprefix("file://")
+    if value.startswith(("pkg:", "hf:")) or "://" in value:
+        return None
+    return value
+
+
+def input_problems(raw: dict[str, Any], paths: dict[str, str], base: Path) -> list[str]:
+    """A local `prepare.source` or `teacher.model` inside a stage's output folder, as
+    `key: why (got ...)`. DVC deletes a stage's outputs before it runs the stage, and the
+    stage then replaces its folder whole: such an input would be gone before its reader runs.
+    Relative locations are read from `base` (the project folder); compared both as written
+    (`..` folded) and with symlinks resolved, so a link into an output folder is caught too.
+    """
+    def forms(path: Path) -> set[Path]:
+        return {Path(os.path.normpath(path)), Path(os.path.realpath(path))}
+
+    outputs = [(key, value, forms(base / value)) for key, value in paths.items()
+               if key in WRITTEN_BY and isinstance(value, str) and value.strip()]
+    problems = []
+    for section, field in (("prepare", "source"), ("teacher", "model")):
+        value = (raw.get(section) or {}).get(field) if isinstance(raw.get(section), dict) \
+            else None
+        local = _local_input(value)
+        if local is None:
+            continue
+        where = forms(base / local)
+        for key, out, out_forms in outputs:
+            if any(w.is_relative_to(o) for w in where for o in out_forms):
+                stage = WRITTEN_BY[key]
+                how = (f"which {stage} replaces whole on every run" if key in NOT_DVC_OUTPUTS
+                       else f"which DVC deletes before {stage} runs")
+                problems.append(
+                    f"{section}.{field}: is inside {out}, the output of stage {stage}, {how}: "
+                    f"it would be gone before it is read; move it outside the stage outputs "
+                    f"(e.g. to data-raw/ or models/) (got {value!r})")
+                break
     return problems
 
 
 def validate(raw: dict[str, Any], origin: str = "params", root: Path | None = None) -> Params:
-    """Validate raw params; every problem (pydantic's and `path_problems`) in one ParamsError.
+    """Validate raw params; every problem in one ParamsError, each naming its key.
 
-    `root` is the project folder (where params.yaml lives); `load_params` passes it so output
-    paths are also checked against the project (see `path_problems`).
+    With `root` (the project folder: `load_params` reading its params.yaml), `raw` may not
+    hold `paths` (output locations are fixed in dvc.yaml, see `Paths`) and local inputs are
+    read from `root`. Without it (params built in code: tests, notebooks), `paths` may point
+    at other folders, checked by `path_problems`, and inputs are read from the working folder.
+    Either way no input may sit inside an output folder (`input_problems`).
     """
-    params, lines, n = None, [], 0
+    lines: list[str] = []
+    n = 0
+    given_paths = raw.get("paths")
+    if root is not None and "paths" in raw:
+        raw = {k: v for k, v in raw.items() if k != "paths"}
+        lines.append(f"  - paths: {PATHS_REFUSED} (got {given_paths!r})")
+        n += 1
+    params = None
     try:
         params = Params.model_validate(raw)
     except ValidationError as err:
-        n, lines = len(err.errors()), [format_errors(err)]
-    paths = path_problems(raw.get("paths"), root)
-    n += len(paths)
-    lines += [f"  - {p}" for p in paths]
+        n, lines = n + len(err.errors()), lines + [format_errors(err)]
+    outputs = Paths().model_dump()
+    problems = []
+    if root is None:  # built in code: inputs are checked against the locations that passed
+        problems, accepted = checked_paths(given_paths)
+        if isinstance(given_paths, dict):
+            outputs = {k: v for k, v in {**outputs, **given_paths}.items()
+                       if k not in given_paths or k in accepted}
+    problems += input_problems(raw, outputs, Path(os.path.abspath(root or Path.cwd())))
+    n += len(problems)
+    lines += [f"  - {p}" for p in problems]
     if n:
         raise ParamsError(f"{origin} has {n} problem(s):\n" + "\n".join(lines))
     return params
@@ -685,7 +792,8 @@ def validate(raw: dict[str, Any], origin: str = "params", root: Path | None = No
 def load_params(
     path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None
 ) -> Params:
-    """Read, override and validate params.yaml."""
+    """Read, override and validate params.yaml (`validate` with the file's folder as the
+    project root: a `paths` section, or a `paths.x` override, is refused)."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found (run from the project root or pass --params)")

@@ -4,8 +4,12 @@
 the same row checks as prepare (`components.rows`): a malformed record, undecodable bytes, a
 missing or empty text is counted by reason with its location and left out (or stops the run
 with `on_bad_rows="error"`); every other row gets one JSON line in `output`, with its origin
-("file:line"), in input order. The output appears only when complete (written to a temporary
-file, then renamed).
+("file:line"), in input order. It streams: rows are read, predicted (`Bundle.predict`, the one
+prediction path) and written one batch at a time, so memory does not grow with the file. The
+output appears only when complete: it is written to a temporary file beside it, renamed at
+the end, and removed on any failure. With `on_bad_rows="error"` the run stops at the first bad
+row, before any output appears. The progress bar counts rows and rows/s without a total (the
+number of rows of a csv or jsonl file is only known once it is read).
 
 `write_triton` lays out a Triton Inference Server model repository for the bundle's student:
 `<out>/<name>/config.pbtxt` (ONNX Runtime backend, dynamic batch and sequence axes, dynamic
@@ -25,66 +29,81 @@ from typing import Any
 
 from components.bundle import LABELS, MODEL_FILES, Bundle, BundleError
 from components.common import StageError, atomic_dir
-from components.rows import Reader, describe_drops, read_source, text_problem
+from components.rows import Reader, Rows, describe_drops, stream_source, text_problem
 
 # The row problems prepare also counts (components.rows); any of them with on_bad_rows=error
 # stops the run.
 BAD_ROWS = ("malformed", "not_utf8", "missing_field", "missing_text", "empty_text")
 
 
-def read_texts(source: str, reader: Reader) -> tuple[list[str], list[str], Any]:
-    """Usable texts with their origins, and the tally of the rows left out (`rows.Rows`)."""
-    _, _, rows = read_source(source, reader, ("csv", "tsv", "jsonl", "parquet"))
-    texts, origins = [], []
-    for text, origin in zip(rows.texts, rows.origins, strict=True):
-        problem = text_problem(text, 1)
-        if problem:
-            rows.drop(problem, origin)
-        else:
-            texts.append(text)
-            origins.append(origin)
-    return texts, origins, rows
+def _refuse_bad_rows(source: str, tally: Rows) -> None:
+    if any(tally.dropped.get(reason) for reason in BAD_ROWS):
+        raise StageError(f"--input={source!r}: bad rows with --on-bad-rows error: "
+                         f"{describe_drops(tally)}. Fix the file, or use --on-bad-rows skip "
+                         "to leave them out (they are counted and named)")
 
 
 def predict_file(bundle: Bundle, source: str, output: str | Path, cascade: bool = False,
                  text_column: str = "text", fmt: str = "auto", on_bad_rows: str = "skip",
                  batch_size: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Predict every usable row of `source` into `output` (JSON lines); returns a summary."""
+    """Predict every usable row of `source` into `output` (JSON lines), batch by batch;
+    returns a summary (`seconds` and `texts_per_s` cover reading, predicting and writing)."""
     from tqdm.auto import tqdm
 
-    reader = Reader("--input", fmt, text_column, None, 60.0, option="--{}")
-    texts, origins, rows = read_texts(source, reader)
-    bad = {r: n for r, n in rows.dropped.items() if r in BAD_ROWS}
-    if on_bad_rows == "error" and bad:
-        raise StageError(f"--input={source!r}: bad rows with --on-bad-rows error: "
-                         f"{describe_drops(rows)}. Fix the file, or use --on-bad-rows skip "
-                         "to leave them out (they are counted and named)")
+    reader = Reader("--input", fmt, text_column, None, 60.0, option="--{}", who="predict")
+    _, _, tally, stream = stream_source(source, reader, ("csv", "tsv", "jsonl", "parquet"))
+    strict = on_bad_rows == "error"
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     bs = batch_size or bundle.batch_size
     fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.tmp-")
-    deferred, start = 0, time.perf_counter()
+    predicted = deferred = 0
+    start = time.perf_counter()
     try:
-        with os.fdopen(fd, "w") as fh, tqdm(total=len(texts), unit="text", desc="predict",
+        with os.fdopen(fd, "w") as fh, tqdm(unit="text", desc="predict",
                                             disable=not progress) as bar:
-            for i in range(0, len(texts), bs):
-                answers = bundle.predict(texts[i : i + bs], cascade=cascade, batch_size=bs)
-                for origin, answer in zip(origins[i : i + bs], answers, strict=True):
+            texts: list[str] = []
+            origins: list[str] = []
+
+            def flush() -> None:
+                nonlocal predicted, deferred
+                answers = bundle.predict(texts, cascade=cascade, batch_size=bs)
+                for origin, answer in zip(origins, answers, strict=True):
                     fh.write(json.dumps({"origin": origin, **answer}) + "\n")
                     deferred += answer.get("answered_by") == "teacher"
+                predicted += len(answers)
                 bar.update(len(answers))
+                texts.clear()
+                origins.clear()
+
+            for text, _, origin in stream:
+                problem = text_problem(text, 1)
+                if problem:
+                    tally.drop(problem, origin)
+                if strict:  # the reader counts the rows it cannot parse in the same tally
+                    _refuse_bad_rows(source, tally)
+                if problem:
+                    continue
+                texts.append(text)
+                origins.append(origin)
+                if len(texts) == bs:
+                    flush()
+            if strict:  # a bad row after the last good one
+                _refuse_bad_rows(source, tally)
+            if texts:
+                flush()
         os.replace(tmp, output)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     seconds = time.perf_counter() - start
-    summary = {"predicted": len(texts), "left_out": dict(sorted(rows.dropped.items())),
-               "left_out_examples": dict(sorted(rows.examples.items())),
-               "left_out_described": describe_drops(rows),
-               "seconds": seconds, "texts_per_s": len(texts) / seconds if seconds else None,
+    summary = {"predicted": predicted, "left_out": dict(sorted(tally.dropped.items())),
+               "left_out_examples": dict(sorted(tally.examples.items())),
+               "left_out_described": describe_drops(tally),
+               "seconds": seconds, "texts_per_s": predicted / seconds if seconds else None,
                "output": str(output)}
     if cascade:
-        summary["deferred_fraction"] = deferred / len(texts) if texts else 0.0
+        summary["deferred_fraction"] = deferred / predicted if predicted else 0.0
     return summary
 
 

@@ -3,8 +3,18 @@
 Produces in `paths.data`: `train.parquet`, `validation.parquet`, `test.parquet` (columns `text`,
 `label` (int id), `label_name`), `label_map.json`, `report.json` (counts per split and class,
 every dropped row counted by reason with a few example locations, every merged label spelling,
-every file or folder of a folder source that was not read, text length statistics) and the
-resolved `params.json`. Running twice with the same params gives byte-identical files.
+every file or folder of a folder source that was not read, text length statistics, length
+outliers and cut texts) and the resolved `params.json`. Running twice with the same params gives
+byte-identical files.
+
+Length: a text longer than `prepare.max_chars` (default 1,000,000 characters) is cut at the
+last whitespace at or before it (at `max_chars` itself when there is none) and kept; report.json
+`truncated` counts the kept texts cut and names a few with their length as read. A text is "far
+longer than the rest" when it is more than OUTLIER_RATIO (20) times the median length of the
+kept texts and more than OUTLIER_MIN_CHARS (10,000) characters (the median, unlike a mean or a
+standard deviation, does not move with the outliers themselves; the floor keeps a paragraph
+among tweets from counting): report.json `length_outliers` and the console give their count and
+the longest OUTLIERS_SHOWN with their rows and lengths as read.
 
 Bad rows (malformed CSV/JSONL records, undecodable bytes, missing fields, empty texts, missing
 labels, classes too small to split) are dropped and counted when `prepare.on_bad_rows` is `skip`
@@ -69,7 +79,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.artifacts import SPLITS, SplitWriter, write_prepared
-from components.common import StageError, atomic_dir, stage_main
+from components.common import StageError, atomic_dir, cut_at_word, stage_main
 from components.config import Params, Prepare
 from components.rows import (
     EXAMPLES_PER_REASON,
@@ -90,6 +100,11 @@ __all__ = ["BAD_ROW_REASONS", "BATCH_ROWS", "FOLDER_SKIP_REASONS", "clean_row", 
 # Rows read, cleaned and spilled at a time, read back at a time, and written per row group of a
 # split: with the per-row arrays (a few dozen bytes a row), what bounds the stage's memory.
 BATCH_ROWS = 10_000
+
+# A kept text is "far longer than the rest" above both (see the module docstring).
+OUTLIER_RATIO = 20
+OUTLIER_MIN_CHARS = 10_000
+OUTLIERS_SHOWN = 5
 
 # Drop reasons that mean the input itself is broken: with `on_bad_rows: error` any of them stops
 # the stage. Exact duplicates are ordinary cleaning and never do.
@@ -186,8 +201,10 @@ class _Cleaned:
 
     classes: list[str]  # class code -> name, in order of first appearance
     codes: np.ndarray  # int32 class code per row
-    lengths: np.ndarray  # int64 characters per (stripped) text
+    lengths: np.ndarray  # int64 characters per (stripped, cut) text
     hashes: np.ndarray | None  # V16 digest of the dedup key per row (None: no deduplication)
+    cut: np.ndarray  # int64 rows cut at prepare.max_chars, ascending
+    cut_from: np.ndarray  # int64 their lengths before the cut
     tally: Rows  # drops of pass 1: the reader's first, then the cleaning's (see below)
     rows_read: int
 
@@ -215,7 +232,8 @@ def _clean_and_spill(stream: Iterator[Row], read: Rows, cfg: Prepare, spill: Pat
     origins: list[str] = []
     codes: list[int] = []
     keys: list[bytes] = []
-    n_read = 0
+    cut: list[tuple[int, int]] = []  # (row, length before the cut)
+    n_read = n_usable = 0
     with pq.ParquetWriter(spill, _SPILL_SCHEMA, compression="none",
                           use_dictionary=False) as writer:
 
@@ -234,6 +252,10 @@ def _clean_and_spill(stream: Iterator[Row], read: Rows, cfg: Prepare, spill: Pat
             if problem:
                 tally.drop(problem, origin)
                 continue
+            if len(text) > cfg.max_chars:
+                cut.append((n_usable, len(text)))
+                text = cut_at_word(text, cfg.max_chars)
+            n_usable += 1
             spellings.setdefault(name, set()).add(_label_spelling(label))
             texts.append(text)
             origins.append(origin)
@@ -262,9 +284,11 @@ def _clean_and_spill(stream: Iterator[Row], read: Rows, cfg: Prepare, spill: Pat
     def joined(key: str, dtype: str) -> np.ndarray:
         return np.concatenate(parts[key]) if parts[key] else np.zeros(0, dtype=dtype)
 
+    cut_rows = np.array(cut, dtype=np.int64).reshape(-1, 2)
     return _Cleaned(classes=list(classes), codes=joined("codes", "int32"),
                     lengths=joined("lengths", "int64"),
                     hashes=joined("hashes", "V16") if cfg.deduplicate else None,
+                    cut=cut_rows[:, 0], cut_from=cut_rows[:, 1],
                     tally=merged, rows_read=n_read + sum(read.dropped.values()))
 
 
@@ -365,6 +389,50 @@ def _spill_file(final: Path) -> Iterator[Path]:
                 folder.rmdir()
 
 
+def _rows_with_lengths(spill: Path, rows: np.ndarray, lengths: np.ndarray, source: str,
+                       written: str) -> list[dict]:
+    """`{"origin", "chars"}` of each spilled row in `rows` (any order), in that order."""
+    order = np.argsort(rows, kind="stable")
+    found = _spilled_origins(spill, rows[order])
+    origins = [""] * len(rows)
+    for i, origin in zip(order, found, strict=True):
+        origins[i] = as_written(origin, source, written)
+    return [{"origin": o, "chars": int(n)} for o, n in zip(origins, lengths, strict=True)]
+
+
+def long_texts(cleaned: _Cleaned, kept_rows: np.ndarray, spill: Path, cfg: Prepare,
+               source: str) -> tuple[dict, dict]:
+    """report.json's `length_outliers` (kept texts far longer than the rest, measured as read:
+    see the module docstring) and `truncated` (kept texts cut at prepare.max_chars)."""
+    as_read = cleaned.lengths.copy()
+    as_read[cleaned.cut] = cleaned.cut_from
+    lengths = as_read[kept_rows]
+    median = float(np.median(lengths))
+    threshold = float(max(OUTLIER_RATIO * median, OUTLIER_MIN_CHARS))
+    far = np.flatnonzero(lengths > threshold)
+    longest = far[np.argsort(-lengths[far], kind="stable")][:OUTLIERS_SHOWN]
+    outliers = {
+        "rule": f"longer than {OUTLIER_RATIO} x the median ({median:g} characters) and than "
+                f"{OUTLIER_MIN_CHARS} characters, as read",
+        "threshold_chars": threshold,
+        "count": len(far),
+        "longest": _rows_with_lengths(spill, kept_rows[longest], lengths[longest], source,
+                                      cfg.source),
+    }
+    cut = cleaned.cut[np.isin(cleaned.cut, kept_rows)]
+    shown = cut[:EXAMPLES_PER_REASON]
+    truncated = {
+        "max_chars": cfg.max_chars,
+        "count": len(cut),
+        "examples": _rows_with_lengths(spill, shown, as_read[shown], source, cfg.source),
+    }
+    return outliers, truncated
+
+
+def _described(rows: list[dict]) -> str:
+    return ", ".join(f"{r['origin']} ({r['chars']:,} characters)" for r in rows)
+
+
 def as_written(origin: str, resolved: str, written: str) -> str:
     """`origin` with the resolved source location (an install path for `pkg:` sources)
     replaced by the location as written in params."""
@@ -454,6 +522,7 @@ def _prepare(params: Params, source: str, fmt: str, read: Rows, stream: Iterator
         split_of[kept_rows[split_idx[split]]] = code
 
     lengths = cleaned.lengths[kept_rows]
+    outliers, truncated = long_texts(cleaned, kept_rows, spill, cfg, source)
     report = {
         "source": cfg.source,
         "format": fmt,
@@ -470,6 +539,9 @@ def _prepare(params: Params, source: str, fmt: str, read: Rows, stream: Iterator
         "num_classes": len(label_names),
         "text_chars": {"min": int(lengths.min()), "median": float(np.median(lengths)),
                        "max": int(lengths.max())},
+        # Kept texts far longer than the rest, and those cut at prepare.max_chars.
+        "length_outliers": outliers,
+        "truncated": truncated,
         "splits": {},
     }
     for split, idx in split_idx.items():
@@ -491,6 +563,13 @@ def _prepare(params: Params, source: str, fmt: str, read: Rows, stream: Iterator
         print(f"prepare: not read from the source folder: {report['skipped']}")
     if tally.label_merges:
         print(f"prepare: label spellings merged: {tally.label_merges}")
+    if outliers["count"]:
+        print(f"prepare: {outliers['count']} text(s) far longer than the rest ({outliers['rule']}"
+              f"), the longest: {_described(outliers['longest'])}")
+    if truncated["count"]:
+        print(f"prepare: cut {truncated['count']} text(s) longer than prepare.max_chars="
+              f"{cfg.max_chars:,} characters at a word boundary, e.g. "
+              f"{_described(truncated['examples'])}")
     return report
 
 

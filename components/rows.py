@@ -8,8 +8,8 @@ stage, `--format` for the command line). Every loader is a generator: it yields 
 that could not even be parsed (malformed records, undecodable bytes, missing fields) and the
 folder entries not read. So a reader never holds more of the source than one record, one
 Parquet batch (`Reader.batch_rows` rows) or one file of a folder: `stream_source` hands the
-rows on one by one (prepare, whose memory must not grow with the dataset), `read_source` /
-`load_rows` collect them into `Rows` lists (`still predict --input`). What counts as a usable
+rows on one by one (prepare and `still predict --input`, whose memory must not grow with the
+input), `read_source` / `load_rows` collect them into `Rows` lists. What counts as a usable
 text (`text_problem`) is decided here too; label rules stay in prepare.
 """
 
@@ -23,10 +23,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from components.common import (
     SKIP_REASONS,
     Listing,
+    RemoteWaits,
     StageError,
     describe,
     remote_options,
@@ -51,6 +53,8 @@ class Reader:
         option: how other settings are named in hints: `prepare.{}` or `--{}`.
         batch_rows: how many rows of a table format (Parquet, a Hugging Face dataset) are
             decoded at a time: what a reader holds in memory besides the current row.
+        who: the stage or command reading, in the lines that say what a wait for a remote
+            source waits for (`common.RemoteWaits`).
     """
 
     setting: str
@@ -61,6 +65,7 @@ class Reader:
     hf_split: str = "train"
     option: str = "prepare.{}"
     batch_rows: int = 10_000
+    who: str = "prepare"
 
     def name(self, key: str) -> str:
         """The user's name of a setting (`prepare.text_column`, `--text-column`)."""
@@ -135,6 +140,11 @@ def _filesystem(source: str, cfg: Reader):
     return fsspec.core.url_to_fs(source, **remote_options(source, cfg.timeout_s))
 
 
+def _waits(source: str, cfg: Reader) -> RemoteWaits:
+    """How this read waits for `source`: every wait bounded by `cfg.timeout_s`, and said."""
+    return RemoteWaits(source, cfg.timeout_s, cfg.who)
+
+
 def detect_format(source: str, cfg: Reader) -> str:
     if cfg.format != "auto":
         return cfg.format
@@ -146,9 +156,10 @@ def detect_format(source: str, cfg: Reader) -> str:
         suffixes.pop()
     if suffixes and suffixes[-1] in _SUFFIX_FORMATS:
         return _SUFFIX_FORMATS[suffixes[-1]]
-    if fs.isdir(path):
+    waits = _waits(source, cfg)
+    if waits.call(fs, "isdir", path):
         return "folder"
-    if not fs.exists(path):
+    if not waits.call(fs, "exists", path):
         raise FileNotFoundError(path)
     raise StageError(
         f"{cfg.setting}={source!r}: cannot tell the format from the name; set "
@@ -268,11 +279,27 @@ def _source_problem(written: str, resolved: str, fmt: str, cfg: Reader,
             f"what its name says: fix it, or set {cfg.name('format')} to its real format")
 
 
-def _open(source: str, cfg: Reader):
+@contextlib.contextmanager
+def _open(source: str, cfg: Reader, sequential: bool = True) -> Iterator[BinaryIO]:
+    """`source` open for binary reading, decompressed as its suffix says. A remote one goes
+    through `common.RemoteWaits` (each wait bounded by `cfg.timeout_s` and said; streamed over
+    HTTP when `sequential`, i.e. read from start to end, never seeked)."""
     import fsspec
+    from fsspec.compression import compr
+    from fsspec.implementations.local import LocalFileSystem
+    from fsspec.utils import infer_compression
 
-    return fsspec.open(source, "rb", compression="infer",
-                       **remote_options(source, cfg.timeout_s))
+    fs, path = _filesystem(source, cfg)
+    if isinstance(fs, LocalFileSystem):
+        with fsspec.open(source, "rb", compression="infer") as fh:
+            yield fh
+        return
+    with contextlib.ExitStack() as stack:
+        fh = stack.enter_context(_waits(source, cfg).open(fs, path, sequential))
+        compression = infer_compression(path)
+        if compression:
+            fh = stack.enter_context(compr[compression](fh, mode="rb"))
+        yield fh
 
 
 def _require_columns(columns: list[str], cfg: Reader, source: str) -> None:
@@ -382,7 +409,7 @@ def _load_table(source: str, fmt: str, cfg: Reader, rows: Rows) -> Iterator[Row]
     with nulls stays integers and None (pandas would turn it into floats and NaN)."""
     import pyarrow.parquet as pq
 
-    with _open(source, cfg) as fh:
+    with _open(source, cfg, sequential=False) as fh:
         table = pq.ParquetFile(fh, pre_buffer=False, buffer_size=READ_BUFFER)
         _require_columns(table.schema_arrow.names, cfg, source)
         n = 0
@@ -453,11 +480,11 @@ def _load_jsonl(source: str, fmt: str, cfg: Reader, rows: Rows) -> Iterator[Row]
         _require_columns(sorted(seen_columns), cfg, source)
 
 
-def _walk_remote(fs, root: str) -> Listing:
+def _walk_remote(fs, root: str, waits: RemoteWaits) -> Listing:
     """Files under a remote folder (object stores have no links): hidden entries left out."""
     listing, hidden = Listing(), set()
     base = PurePosixPath(root)
-    for path in sorted(fs.find(root)):
+    for path in sorted(waits.watched(fs, "find", root)):
         parts = PurePosixPath(path).relative_to(base).parts
         dot = next((i for i, part in enumerate(parts) if part.startswith(".")), None)
         if dot is not None:
@@ -480,12 +507,15 @@ def _load_folder(source: str, fmt: str, cfg: Reader, rows: Rows) -> Iterator[Row
 
     fs, root = _filesystem(source, cfg)
     local = isinstance(fs, LocalFileSystem)
-    listing = walk_local(root) if local else _walk_remote(fs, root)
+    waits = _waits(source, cfg)
+    listing = walk_local(root) if local else _walk_remote(fs, root, waits)
     read: Callable[[object], bytes] = (
-        (lambda path: Path(path).read_bytes()) if local else fs.cat_file)
+        (lambda path: Path(path).read_bytes()) if local
+        else (lambda path: waits.watched(fs, "cat_file", path)))
     base = source.rstrip("/")
     private = {name for name in (PurePosixPath(entry).name for entry in
-                                 fs.ls(root, detail=False) if fs.isdir(entry))
+                                 waits.call(fs, "ls", root, detail=False)
+                                 if waits.call(fs, "isdir", entry))
                if name.startswith("_")}
     for reason, rel in listing.skipped:
         top, _, below = rel.partition("/")

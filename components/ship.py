@@ -122,11 +122,11 @@ def measured(quality: dict, results: dict | None) -> tuple[dict | None, str | No
     """evaluate's measured results when they come from the same evaluation as quality.json
     (same systems, same accuracies), else (None, why not)."""
     if results is None:
-        return None, "no measured results (paths.results/metrics.json) here: run evaluate"
+        return None, "no measured results (results/metrics.json) here: run evaluate"
     systems = results.get("systems", {})
     for name, q in quality["systems"].items():
         if name not in systems or systems[name].get("accuracy") != q["accuracy"]:
-            return None, ("paths.results/metrics.json comes from another evaluation than "
+            return None, ("results/metrics.json comes from another evaluation than "
                           "quality.json (rerun dvc repro -f evaluate)")
     return results, None
 

@@ -30,6 +30,7 @@ import json
 from pathlib import Path, PurePosixPath
 
 from components.common import (
+    RemoteWaits,
     StageError,
     atomic_write_bytes,
     describe,
@@ -99,9 +100,12 @@ def _version_of(info: dict) -> tuple[str, list[str]]:
 def remote_manifest(url: str, timeout_s: float) -> dict:
     import fsspec
 
+    # Every wait bounded by timeout_s (a listing's or a read's, while no data comes) and said.
+    waits = RemoteWaits(url, timeout_s, "source")
     try:
         fs, path = fsspec.core.url_to_fs(url, **remote_options(url, timeout_s))
-        listing = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+        listing = (waits.watched(fs, "find", path, detail=True)
+                   if waits.call(fs, "isdir", path) else {path: waits.call(fs, "info", path)})
     except Exception as err:  # timeouts, refused connections, auth, missing: name the URL
         where = f"prepare.source: {url}"
         message = remote_problem(where, err, timeout_s) or (
@@ -120,8 +124,13 @@ def remote_manifest(url: str, timeout_s: float) -> dict:
         version, keys = _version_of(info)
         used.update(keys)
         if not version:  # nothing tells versions apart: read it once and hash it
-            with fs.open(name, "rb") as fh:
-                version, content_hashed = f"sha256={_sha256(fh)}", content_hashed + 1
+            try:
+                with waits.open(fs, name, sequential=True) as fh:
+                    version, content_hashed = f"sha256={_sha256(fh)}", content_hashed + 1
+            except Exception as err:
+                where = f"prepare.source: {url}"
+                raise StageError(remote_problem(where, err, timeout_s) or (
+                    f"{where}: cannot read {name} to hash it ({describe(err)})")) from err
         entries.append((rel, str(info.get("size")), version))
     if not entries:
         raise StageError(f"prepare.source: {url} holds no files")

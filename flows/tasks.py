@@ -90,7 +90,7 @@ def push(repo: str) -> None:
 @task(name="git-push", retries=REMOTE_RETRIES, retry_delay_seconds=BACKOFF, cache_policy=NO_CACHE)
 def git_push(repo: str, experiment: str | None = None) -> str:
     """After `dvc push`: the experiment (`dvc exp push`) or dvc.lock and the git-tracked results
-    (paths.results), committed, to the git remote on branch `still-runs/<flow run name>-<id>`,
+    (results/), committed, to the git remote on branch `still-runs/<flow run name>-<id>`,
     so a run whose workspace is thrown away (a Kubernetes Job) still leaves its results where a
     clone + `dvc pull` finds them."""
     from prefect.runtime import flow_run

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from components.config import apply_overrides, validate
+from components.config import Paths, apply_overrides, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,9 +151,12 @@ TINY_OVERRIDES = {
 }
 
 
-def tiny_raw_params(workdir: Path, dataset: Path, teacher: Path, **extra) -> dict:
-    """The production params.yaml with tiny sizes, tiny data/teacher and paths under workdir
-    (relative paths are kept relative, so they work from a temp repo too)."""
+def tiny_raw_params(workdir: Path | None, dataset: Path, teacher: Path, **extra) -> dict:
+    """The production params.yaml with tiny sizes, tiny data and teacher. With `workdir`, for
+    params built in code: every output location (`config.Paths`) moved under it, as a `paths`
+    mapping. Without, a params.yaml for a project (a DVC repo, a stage run as DVC runs it): no
+    `paths`, the outputs go where dvc.yaml puts them (a `paths.x` in `extra` is kept, for tests
+    of its refusal)."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     overrides = {
         **TINY_OVERRIDES,
@@ -163,13 +166,9 @@ def tiny_raw_params(workdir: Path, dataset: Path, teacher: Path, **extra) -> dic
         "tracking.mode": "offline",
         **extra,
     }
-    raw = apply_overrides(raw, overrides)
-    raw["paths"] = (
-        {k: str(workdir / v) if not Path(v).is_absolute() else v for k, v in raw["paths"].items()}
-        if workdir
-        else raw["paths"]
-    )
-    return raw
+    if workdir:
+        raw["paths"] = {k: str(workdir / v) for k, v in Paths().model_dump().items()}
+    return apply_overrides(raw, overrides)
 
 
 @pytest.fixture

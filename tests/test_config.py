@@ -33,8 +33,8 @@ def test_every_problem_is_reported_at_once_with_its_key():
 
 def test_missing_section_is_named():
     raw = production()
-    del raw["paths"]
-    with pytest.raises(ParamsError, match="paths: required key is missing"):
+    del raw["prepare"]
+    with pytest.raises(ParamsError, match="prepare: required key is missing"):
         validate(raw)
 
 

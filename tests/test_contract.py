@@ -1,12 +1,16 @@
 """params.yaml <-> config classes <-> dvc.yaml agree: every stage's params exist, every command
-is a real module with run/main, every output path is a `paths:` key."""
+is a real module with run/main, every output location is the fixed one of `config.Paths` and
+none of them can delete anything DVC did not make."""
 
 import importlib
 import re
+import subprocess
+from pathlib import Path, PurePosixPath
 
+import pytest
 import yaml
 
-from components.config import Params, load_params
+from components.config import PROTECTED_ENTRIES, Params, Paths, load_params
 from tests.conftest import ROOT
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -24,6 +28,9 @@ def _lookup(tree: dict, dotted: str):
 def test_params_yaml_matches_config_classes_exactly():
     dumped = load_params(ROOT / "params.yaml").to_dict()
     assert set(dumped) == set(Params.model_fields)
+    # Output locations are fixed in dvc.yaml, never a params.yaml value.
+    assert "paths" not in PARAMS
+    del dumped["paths"]
 
     def keys(tree, prefix=""):
         for k, v in tree.items():
@@ -52,25 +59,90 @@ def test_commands_are_runnable_modules():
         assert match.group(1).split(".")[1] == name, f"stage {name} runs {match.group(1)}"
 
 
-def test_outputs_and_metrics_use_paths_keys():
-    used = set()
-    for stage in DVC["stages"].values():
-        for out in stage.get("outs", []):
-            out = out if isinstance(out, str) else next(iter(out))
-            m = re.fullmatch(r"\$\{paths\.(\w+)\}", out)
-            assert m, f"out {out!r} is not a ${{paths.x}} reference"
-            used.add(m.group(1))
-    metrics = set()
-    for metric in DVC["metrics"]:
-        m = re.match(r"\$\{paths\.(\w+)\}/", metric)
-        assert m, metric
-        metrics.add(m.group(1))
-    # `results` holds evaluate's timings: read as metrics/plots, kept out of dvc.lock on purpose
-    assert "results" in metrics and "results" not in used
+FIXED = Paths().model_dump()
+
+
+def stage_outs() -> dict[str, str]:
+    """Every stage output in dvc.yaml -> its stage."""
+    return {(out if isinstance(out, str) else next(iter(out))): name
+            for name, stage in DVC["stages"].items() for out in stage.get("outs", [])}
+
+
+def plot_files() -> list[str]:
+    files = []
+    for plot in DVC["plots"]:
+        if isinstance(plot, str):
+            files.append(plot)
+            continue
+        (spec,) = plot.values()
+        files += list(spec["y"]) if isinstance(spec.get("y"), dict) else []
+    return files
+
+
+def test_outputs_metrics_and_plots_are_the_fixed_paths():
+    """dvc.yaml names every output literally (no `${...}`: no params value decides what DVC
+    deletes before a stage runs), and at the locations `config.Paths` gives the code."""
+    assert "${" not in (ROOT / "dvc.yaml").read_text()
+    outs = stage_outs()
+    key_of = {v: k for k, v in FIXED.items()}
+    assert set(outs) <= set(key_of), f"outs not in config.Paths: {set(outs) - set(key_of)}"
+    # `results` holds evaluate's timings: read as metrics/plots, kept out of dvc.lock on purpose;
     # `bundle` records its run's commit and timings: rebuilt on every repro, never hashed
+    assert {key_of[o] for o in outs} == set(FIXED) - {"wandb", "results", "bundle"}
     ship = DVC["stages"]["ship"]
     assert ship.get("always_changed") and "outs" not in ship
-    assert used == set(PARAMS["paths"]) - {"wandb", "results", "bundle"}
+    # The source stage's manifest survives a failing run (a refused params.yaml, say): DVC does
+    # not delete a persisted output before running its stage.
+    source_outs = DVC["stages"]["source"]["outs"]
+    assert source_outs == [{FIXED["source_version"]: {"persist": True}}]
+    assert all(isinstance(o, str) for n, s in DVC["stages"].items() if n != "source"
+               for o in s.get("outs", [])), "only the source stage's output persists"
+    for name, stage in DVC["stages"].items():
+        for dep in stage["deps"]:
+            if not dep.startswith(("components/", "flows/")):
+                assert dep in outs, f"stage {name}: dep {dep} is no stage's output"
+    inside = [f for f in DVC["metrics"] + plot_files()
+              if not any(PurePosixPath(f).is_relative_to(v) for v in FIXED.values())]
+    assert not inside, f"metrics/plots outside the output locations: {inside}"
+    assert any(f.startswith(FIXED["results"] + "/") for f in DVC["metrics"])
+
+
+def git_files() -> list[str]:
+    proc = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True)
+    if proc.returncode:
+        pytest.skip("not a git checkout")
+    return [f for f in proc.stdout.decode().split("\0") if f]
+
+
+def test_no_output_location_holds_anything_dvc_did_not_make():
+    """Each DVC output is deleted by DVC before its stage runs and replaced whole by the stage:
+    it must hold no git-tracked file, neither be nor hold another stage's output, hold none of
+    the project's code and control entries, and stay inside the project (no `..`, no symlink
+    on the way)."""
+    outs = stage_outs()
+    tracked = git_files()
+    problems = []
+    for out, stage in outs.items():
+        path = PurePosixPath(out)
+        if path.is_absolute() or ".." in path.parts or out != path.as_posix():
+            problems.append(f"{out} ({stage}): not a plain relative path")
+            continue
+        for i in range(1, len(path.parts) + 1):
+            if (ROOT / Path(*path.parts[:i])).is_symlink():
+                problems.append(f"{out} ({stage}): {Path(*path.parts[:i])} is a symlink")
+        held = [f for f in tracked if PurePosixPath(f).is_relative_to(path)]
+        if held:
+            problems.append(f"{out} ({stage}): holds git-tracked files {held[:3]}")
+        for other, other_stage in outs.items():
+            if other != out and PurePosixPath(other).is_relative_to(path):
+                problems.append(f"{out} ({stage}): holds {other} ({other_stage})")
+        for entry in PROTECTED_ENTRIES:
+            if PurePosixPath(entry).is_relative_to(path) or path.is_relative_to(entry):
+                problems.append(f"{out} ({stage}): is or holds {entry}")
+    assert not problems, "\n".join(problems)
+    # every top-level code folder is protected
+    code = {PurePosixPath(f).parts[0] for f in tracked if f.endswith(".py") and "/" in f}
+    assert code <= set(PROTECTED_ENTRIES), code - set(PROTECTED_ENTRIES)
 
 
 def test_every_stage_section_is_tracked_by_a_stage():
@@ -118,7 +190,7 @@ def test_code_deps_cover_every_imported_project_file():
     it does not depend on would stay 'up to date' after that file changed."""
     for name, stage in DVC["stages"].items():
         module = stage["cmd"].removeprefix("python -m ")
-        deps = [d for d in stage["deps"] if not d.startswith("${")]
+        deps = [d for d in stage["deps"] if d.startswith(("components/", "flows/"))]
         missing = sorted(f for f in _imported_project_files(module)
                          if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps))
         assert not missing, f"stage {name}: add to dvc.yaml deps: {missing}"
@@ -171,7 +243,8 @@ def test_committed_lock_matches_the_code():
     assert set(lock) == set(DVC["stages"]), "dvc.lock misses a stage: run dvc repro, commit"
     stale = []
     for name, stage in lock.items():
-        declared = [d for d in DVC["stages"][name]["deps"] if not d.startswith("${")]
+        declared = [d for d in DVC["stages"][name]["deps"]
+                    if d.startswith(("components/", "flows/"))]
         recorded = {d["path"]: d for d in stage["deps"]}
         for dep in declared:
             entry = recorded.get(dep)

@@ -38,7 +38,7 @@ import yaml
 
 from components import label, prepare, teacher, tokenizer
 from components.artifacts import load_split, load_teacher_outputs
-from components.config import apply_overrides, validate
+from components.config import Paths, apply_overrides, validate
 from components.models.student import load
 from components.textdata import batches, encode, pad_id
 from tests.conftest import ROOT, tiny_raw_params
@@ -58,10 +58,17 @@ TOLERANCE = {"val_accuracy": 2 / 33, "val_teacher_agreement": 2 / 33, "val_loss"
 TIMEOUT_S = 300
 
 
+def moved_output(project: Path, key: str, to: str, printed: str) -> str:
+    """Move the output a stage CLI wrote to its fixed location (`config.Paths`) to `to`, so a
+    second run can be compared with it; return `printed`."""
+    os.replace(project / getattr(Paths(), key), project / to)
+    return printed
+
+
 def distill_cli(project: Path, raw: dict, student: str) -> str:
-    """Write `raw` (with `paths.student` = `student`) as the project's params.yaml and run
-    `python -m components.distill` there; return everything every process printed."""
-    return stage_cli(project, apply_overrides(raw, {"paths.student": student}), "distill")
+    """Write `raw` as the project's params.yaml, run `python -m components.distill` there and
+    move the student to `student`; return everything every process printed."""
+    return moved_output(project, "student", student, stage_cli(project, raw, "distill"))
 
 
 def stage_cli(project: Path, raw: dict, stage: str) -> str:
@@ -111,12 +118,13 @@ def test_ddp_on_two_cpu_processes_writes_one_student_like_a_single_process(
         tmp_path, dataset_csv, tiny_teacher):
     project = tmp_path / "project"
     project.mkdir()
-    # Relative paths, as in a real project (load_params requires them); the upstream stages run
-    # in process on the same folders given absolutely.
+    # No paths in params.yaml, as in a real project (dvc.yaml fixes them); the upstream stages
+    # run in process on the same folders given absolutely.
     raw = tiny_raw_params(None, dataset_csv, tiny_teacher, **{
         "prepare.validation_fraction": VALIDATION_FRACTION, "distill.batch_size": SINGLE_BATCH,
         "distill.alpha": 0.0})
-    params = validate({**raw, "paths": {k: str(project / v) for k, v in raw["paths"].items()}})
+    params = validate({**raw, "paths": {k: str(project / v)
+                                        for k, v in Paths().model_dump().items()}})
     for stage in (prepare, tokenizer, teacher, label):
         stage.run(params)
     assert len(load_split(params.paths, "validation")) == 33
@@ -169,15 +177,16 @@ def test_teacher_caching_on_two_cpu_processes_equals_one_process(
         "prepare.validation_fraction": VALIDATION_FRACTION, "teacher.eval_batch_size": 8,
         "distill.windows.enabled": True, "distill.windows.words": 4,
         "distill.windows.stride": 3, "distill.windows.max_per_text": 2})
-    params = validate({**raw, "paths": {k: str(project / v) for k, v in raw["paths"].items()}})
+    params = validate({**raw, "paths": {k: str(project / v)
+                                        for k, v in Paths().model_dump().items()}})
     for stage in (prepare, teacher):
         stage.run(params)
-    single_raw = apply_overrides(raw, {"paths.teacher_outputs": "artifacts/outputs-single"})
-    ddp_raw = apply_overrides(raw, {"paths.teacher_outputs": "artifacts/outputs-ddp",
-                                    "trainer.strategy": "ddp", "trainer.devices": 2,
+    ddp_raw = apply_overrides(raw, {"trainer.strategy": "ddp", "trainer.devices": 2,
                                     "trainer.accelerator": "cpu"})
-    single_out = stage_cli(project, single_raw, "label")
-    ddp_out = stage_cli(project, ddp_raw, "label")
+    single_out = moved_output(project, "teacher_outputs", "artifacts/outputs-single",
+                              stage_cli(project, raw, "label"))
+    ddp_out = moved_output(project, "teacher_outputs", "artifacts/outputs-ddp",
+                           stage_cli(project, ddp_raw, "label"))
 
     assert "distributed_backend=gloo" in ddp_out and "GLOBAL_RANK: 1, MEMBER: 2/2" in ddp_out
     assert ddp_out.count("label: done in") == 1 and single_out.count("label: done in") == 1

@@ -18,7 +18,7 @@ import pytest
 from pandas.testing import assert_frame_equal
 
 from components import artifacts, prepare, rows
-from components.common import StageError
+from components.common import StageError, cut_at_word
 from components.config import validate
 from tests.conftest import make_examples, tiny_raw_params
 
@@ -29,8 +29,9 @@ def params_for(tmp_path: Path, source: Path, **extra):
 
 def messy() -> pd.DataFrame:
     """Clean rows with, spread over the file: exact and near duplicates far from their first
-    copy, texts under two labels, empty texts, missing labels, spellings of one class, and a
-    class too small to split."""
+    copy, texts under two labels, empty texts, missing labels, spellings of one class, a class
+    too small to split, and texts far longer than the rest (two above prepare.max_chars when
+    it is 12000, one of them duplicated)."""
     base = make_examples(per_class=10, seed=3).drop_duplicates("text").reset_index(drop=True)
     records = base.to_dict("records")
     other = {"sport": "tech", "tech": "food", "food": "sport"}
@@ -46,6 +47,11 @@ def messy() -> pd.DataFrame:
     records.insert(25, {"text": "spelled another", "label": "SPORT"})
     records.insert(3, {"text": "a rare one", "label": "sprot"})
     records.append({"text": "another rare one", "label": "sprot"})
+    long = " ".join(["ever longer text"] * 900)  # 15,299 characters
+    records.insert(8, {"text": long, "label": "tech"})
+    records.insert(20, {"text": "x" * 13_000, "label": "food"})  # no space: a hard cut
+    records.insert(30, {"text": long + " ", "label": "tech"})  # a duplicate once stripped
+    records.insert(31, {"text": "word " * 2200, "label": "sport"})  # far longer, not cut
     return pd.DataFrame(records)
 
 
@@ -77,8 +83,8 @@ def reference(params) -> tuple[dict, dict[str, pd.DataFrame]]:
             tally.drop(problem, origin)
             continue
         spellings.setdefault(name, set()).add(prepare._label_spelling(label))
-        usable.append((text, name, origin))
-    df = pd.DataFrame(usable, columns=["text", "label_name", "origin"])
+        usable.append((cut_at_word(text, cfg.max_chars), name, origin, len(text)))
+    df = pd.DataFrame(usable, columns=["text", "label_name", "origin", "as_read"])
     if cfg.deduplicate:
         key = df["text"].map(prepare._normalise_for_dedup)
         conflicting = df.groupby(key)["label_name"].transform("nunique") > 1
@@ -100,6 +106,15 @@ def reference(params) -> tuple[dict, dict[str, pd.DataFrame]]:
     splits = {s: df.iloc[idx][["text", "label", "label_name"]].reset_index(drop=True)
               for s, idx in split_idx.items()}
     lengths = df["text"].str.len()
+    median = df["as_read"].median()
+    threshold = max(20 * median, 10_000.0)
+    far = df[df["as_read"] > threshold].sort_values("as_read", ascending=False, kind="stable")
+    cut = df[df["as_read"] > cfg.max_chars]
+
+    def rows_of(part: pd.DataFrame) -> list[dict]:
+        return [{"origin": o, "chars": int(n)} for o, n in zip(part["origin"], part["as_read"],
+                                                               strict=True)]
+
     report = {
         "source": cfg.source, "format": fmt,
         "rows_read": len(raw.texts) + sum(raw.dropped.values()), "rows_kept": len(df),
@@ -111,6 +126,12 @@ def reference(params) -> tuple[dict, dict[str, pd.DataFrame]]:
         "num_classes": len(names),
         "text_chars": {"min": int(lengths.min()), "median": float(lengths.median()),
                        "max": int(lengths.max())},
+        "length_outliers": {
+            "rule": f"longer than 20 x the median ({median:g} characters) and than 10000 "
+                    "characters, as read",
+            "threshold_chars": threshold, "count": len(far), "longest": rows_of(far[:5])},
+        "truncated": {"max_chars": cfg.max_chars, "count": len(cut),
+                      "examples": rows_of(cut[:3])},
         "splits": {s: {"examples": len(part), "per_class": {
             n: int(c) for n, c in part["label_name"].value_counts().sort_index().items()}}
             for s, part in splits.items()},
@@ -129,10 +150,12 @@ def test_streaming_in_small_batches_gives_the_in_memory_result(tmp_path, monkeyp
                                                                deduplicate):
     monkeypatch.setattr(prepare, "BATCH_ROWS", 7)
     params = params_for(tmp_path, write_source(tmp_path, messy(), fmt),
-                        **{"prepare.deduplicate": deduplicate})
+                        **{"prepare.deduplicate": deduplicate, "prepare.max_chars": 12_000})
     report = prepare.run(params)
     expected, splits = reference(params)
     assert report == expected
+    assert report["truncated"]["count"] == 2 + (not deduplicate)
+    assert report["length_outliers"]["count"] == 3 + (not deduplicate)
     assert artifacts.load_prepare_report(params.paths) == expected
     if deduplicate:  # the data holds every case the batches could split up
         assert {"duplicate", "conflicting_labels", "empty_text", "missing_label",

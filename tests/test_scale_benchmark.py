@@ -1,5 +1,6 @@
 """benchmarks/scale.py at a few hundred rows: its synthetic data, and the harness end to end
-(stages as processes, counts, peak RSS, net rates, verdicts, results.json)."""
+(stages and `still predict` as processes, counts, peak RSS, net rates, verdicts,
+results.json)."""
 
 from __future__ import annotations
 
@@ -66,10 +67,28 @@ def test_harness_measures_light_stages(tmp_path):
 
 
 @pytest.mark.slow
+def test_harness_measures_predict_with_a_given_bundle(tmp_path, trained_pipeline):
+    params, _ = trained_pipeline
+    result = run_harness(tmp_path, "--sizes", "240", "160", "--baseline", "80", "--stages",
+                         "predict", "--bundle", params.paths.bundle, "--repeats", "1")
+    rows = result["rows"]
+    assert [(r["stage"], r["n"], r["role"]) for r in rows] == [
+        ("predict", 80, "baseline"), ("predict", 160, "size"), ("predict", 240, "size")]
+    for r in rows:  # every synthetic row has a text: one prediction each
+        assert r["examples"] == r["n"] and r["examples_from"] == "stage"
+        assert 20 < r["peak_rss_mib"] < 600
+    assert set(result["verdicts"]) == {"predict"}
+    assert not (tmp_path / "bundle").exists()  # the given bundle, none built
+
+
+@pytest.mark.slow
 def test_harness_runs_every_stage(tmp_path):
-    result = run_harness(tmp_path, "--sizes", "200", "--baseline", "0", "--keep")
+    result = run_harness(tmp_path, "--sizes", "200", "--baseline", "0", "--keep", "--stages",
+                         *scale.MEASURED)
     by_stage = {r["stage"]: r for r in result["rows"]}
-    assert list(by_stage) == list(scale.STAGES)
+    assert list(by_stage) == list(scale.MEASURED)
+    assert by_stage["predict"]["examples"] == 200
+    assert (tmp_path / "bundle" / "bundle.json").is_file()  # shipped by the tiny pipeline
     assert all(r["examples_from"] == "stage" for r in by_stage.values())
     train = by_stage["tokenizer"]["examples"]
     # one window per training text: label runs every split + the windows, distill trains on both

@@ -162,6 +162,45 @@ def test_predict_file_reports_bad_rows_like_prepare(shipped, tmp_path):
                      text_column="body", progress=False)
 
 
+def test_predict_file_streams_batch_by_batch_in_input_order(shipped, tmp_path):
+    """Several batches with bad rows between and after them: the same answers, origins and
+    counts as predicting the usable texts at once; `--on-bad-rows error` on a bad row after
+    batches were already predicted still leaves no output, no temporary file."""
+    _, _, bundle_dir = shipped
+    bundle = load_bundle(bundle_dir)
+    texts = [f"{w} team score {i}" if i % 2 else f"chip network server {i} {w}"
+             for i, w in enumerate(["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k"])]
+    lines = ["text,id"] + [f"{t},{i}" for i, t in enumerate(texts)]
+    lines.insert(4, '"",x')               # line 5: empty text
+    lines.insert(9, "extra,field,here")   # line 10: malformed
+    lines += ["", '"  ",last']            # a blank line (no row), then an empty text
+    src = tmp_path / "many.csv"
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "preds.jsonl"
+    summary = predict_file(bundle, str(src), out, batch_size=3, progress=False)
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    good = [n for n, line in enumerate(lines, start=1) if line.split(",")[0] in texts]
+    assert [g["origin"] for g in got] == [f"{src}:{n}" for n in good]
+    expected = bundle.predict(texts, batch_size=3)  # the same batches: the same padding
+    assert [{k: v for k, v in g.items() if k != "origin"} for g in got] == expected
+    assert summary["predicted"] == len(texts) == 11
+    assert summary["left_out"] == {"empty_text": 2, "malformed": 1}
+    assert summary["left_out_examples"]["empty_text"] == [f"{src}:5", f"{src}:{len(lines)}"]
+    strict = tmp_path / "strict.jsonl"
+    with pytest.raises(StageError, match=rf"bad rows with --on-bad-rows error: empty_text: 1 "
+                                         rf"\(e\.g\. {src}:5\)\. Fix the file"):
+        predict_file(bundle, str(src), strict, on_bad_rows="error", batch_size=2,
+                     progress=False)
+    assert not strict.exists() and not list(tmp_path.glob(".strict.jsonl.tmp-*"))
+    # the bad row is the last one: every batch was predicted, nothing is kept
+    last_bad = tmp_path / "last_bad.csv"
+    last_bad.write_text("\n".join(["text"] + texts + ['"  "']) + "\n")
+    with pytest.raises(StageError, match=rf"empty_text: 1 \(e\.g\. {last_bad}:13\)"):
+        predict_file(bundle, str(last_bad), strict, on_bad_rows="error", batch_size=2,
+                     progress=False)
+    assert not strict.exists() and not list(tmp_path.glob(".strict.jsonl.tmp-*"))
+
+
 def test_predict_cli_prints_one_json_line_per_text(shipped, capsys):
     _, _, bundle_dir = shipped
     assert cli(["predict", "--bundle", str(bundle_dir), "goal scored late", "shares fell"]) == 0

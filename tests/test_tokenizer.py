@@ -1,6 +1,7 @@
 import itertools
 import json
 
+import pandas as pd
 import pytest
 import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -152,3 +153,30 @@ def test_bad_curve_sizes_name_the_key(overrides, why):
     raw = apply_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
     with pytest.raises(ParamsError, match=r"tokenizer\.curve_vocab_sizes.*" + why):
         validate(raw)
+
+
+def test_training_texts_are_cut_to_what_the_model_reads(tmp_path, tiny_teacher):
+    """Ten training texts run on into a word repeated thousands of times beyond
+    TRAIN_CHARS_PER_TOKEN x distill.max_length characters: the tokenizer trained at
+    max_length 32 (cut at 16,384 characters) never learns that word, one at 1024 (no cut)
+    does; the cut texts are counted."""
+    frame = make_examples(per_class=40, seed=5)
+    words = " ".join(frame["text"].tolist() * 3)  # about 25,000 characters of ordinary words
+    long = [f"{i} {words} " + " ".join(["zzyzxqq"] * 4000) for i in range(10)]
+    frame = pd.concat([frame, pd.DataFrame({"text": long, "label": "sport"})])
+    data = tmp_path / "long.csv"
+    frame.to_csv(data, index=False)
+    vocab, cut = {}, {}
+    for max_length in (32, 1024):
+        params = validate(tiny_raw_params(tmp_path / str(max_length), data, tiny_teacher, **{
+            "distill.max_length": max_length, "tokenizer.vocab_size": 400,
+            "tokenizer.curve_vocab_sizes": []}))
+        prepare.run(params)
+        metrics = tokenizer.run(params)
+        vocab[max_length] = Tokenizer.from_file(
+            str(tmp_path / str(max_length) / "artifacts/tokenizer/tokenizer.json")).get_vocab()
+        cut[max_length] = metrics.get("train_texts_cut", 0)
+    in_train = sum(text.endswith("zzyzxqq") for text in load_split(params.paths, "train")["text"])
+    assert in_train >= 5 and len(words) > tokenizer.TRAIN_CHARS_PER_TOKEN * 32
+    assert cut == {32: in_train, 1024: 0}
+    assert "zzyzxqq" in vocab[1024] and "zzyzxqq" not in vocab[32]

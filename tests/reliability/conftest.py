@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from components.config import Paths
 from tests.conftest import ROOT
 
 
@@ -30,14 +31,19 @@ def leftovers(folder: Path) -> list[str]:
 def run_stage_cli(stage: str, raw_params: dict, cwd: Path,
                   env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m components.<stage>` as DVC runs it: params.yaml in the working folder (the
-    project root), `paths.*` relative to it as params.yaml requires (absolute entries inside
-    `cwd` are made relative; any other value is written as given)."""
+    project root), which holds no `paths` (dvc.yaml fixes them): raw params built in code for
+    `cwd` (`tiny_raw_params(cwd, ...)`: every output at its fixed location under `cwd`) lose
+    their `paths`; any other `paths` entry is written as given (and refused by the stage)."""
     cwd.mkdir(parents=True, exist_ok=True)
     paths = raw_params.get("paths")
     if isinstance(paths, dict):
-        paths = {k: os.path.relpath(v, cwd) if isinstance(v, str) and Path(v).is_absolute()
-                 and Path(v).is_relative_to(cwd) else v for k, v in paths.items()}
-        raw_params = {**raw_params, "paths": paths}
+        fixed = Paths().model_dump()
+        paths = {k: v for k, v in paths.items()
+                 if not (isinstance(v, str) and k in fixed
+                         and os.path.normpath(cwd / v) == os.path.normpath(cwd / fixed[k]))}
+        raw_params = {k: v for k, v in raw_params.items() if k != "paths"}
+        if paths:
+            raw_params["paths"] = paths
     (cwd / "params.yaml").write_text(yaml.safe_dump(raw_params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", **(env or {})}
     return subprocess.run([sys.executable, "-m", f"components.{stage}"], cwd=cwd, env=env,

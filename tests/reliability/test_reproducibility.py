@@ -48,7 +48,7 @@ def test_tokenizer_rerun_is_byte_identical(tmp_path, dataset_csv, tiny_teacher, 
     params_file = tmp_path / "params.yaml"
     import yaml
 
-    # As DVC runs it: params.yaml in the project folder, paths.* relative to it.
+    # As DVC runs it: params.yaml in the project folder, outputs at their fixed locations.
     params_file.write_text(yaml.safe_dump(tiny_raw_params(None, dataset_csv, tiny_teacher,
                                                           **sizes)))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -4,8 +4,10 @@
 the same row checks as prepare (`components.rows`): a malformed record, undecodable bytes, a
 missing or empty text is counted by reason with its location and left out (or stops the run
 with `on_bad_rows="error"`); every other row gets one JSON line in `output`, with its origin
-("file:line"), in input order. It streams: rows are read, predicted (`Bundle.predict`, the one
-prediction path) and written one batch at a time, so memory does not grow with the file. The
+("file:line"), in input order. It streams: rows are read, predicted (the bundle's `Predictor`,
+the one prediction path) and written one batch at a time, so memory does not grow with the
+file; with the cascade, the texts the student defers are gathered over a few batches into full
+teacher batches (`Predictor.stream`). The
 output appears only when complete: it is written to a temporary file beside it, renamed at
 the end, and removed on any failure. With `on_bad_rows="error"` the run stops at the first bad
 row, before any output appears. The progress bar counts rows and rows/s without a total (the
@@ -24,6 +26,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,39 +63,42 @@ def predict_file(bundle: Bundle, source: str, output: str | Path, cascade: bool 
     fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.tmp-")
     predicted = deferred = 0
     start = time.perf_counter()
+    predictor = bundle.predictor(cascade)
+    origins: deque[list[str]] = deque()  # the origins of the batches handed to the predictor
+
+    def batches() -> Iterator[list[str]]:
+        texts: list[str] = []
+        for text, _, origin in stream:
+            problem = text_problem(text, 1)
+            if problem:
+                tally.drop(problem, origin)
+            if strict:  # the reader counts the rows it cannot parse in the same tally
+                _refuse_bad_rows(source, tally)
+            if problem:
+                continue
+            texts.append(text)
+            if len(texts) == 1:  # a new batch
+                origins.append([])
+            origins[-1].append(origin)
+            if len(texts) == bs:
+                yield texts
+                texts = []
+        if strict:  # a bad row after the last good one
+            _refuse_bad_rows(source, tally)
+        if texts:
+            yield texts
+
     try:
         with os.fdopen(fd, "w") as fh, tqdm(unit="text", desc="predict",
                                             disable=not progress) as bar:
-            texts: list[str] = []
-            origins: list[str] = []
-
-            def flush() -> None:
-                nonlocal predicted, deferred
-                answers = bundle.predict(texts, cascade=cascade, batch_size=bs)
-                for origin, answer in zip(origins, answers, strict=True):
+            # The predictor may hold a few batches back (the cascade gathers the texts it
+            # defers into full teacher batches); answers come back in input order.
+            for answers in predictor.stream(batches(), cascade, bs):
+                for origin, answer in zip(origins.popleft(), answers, strict=True):
                     fh.write(json.dumps({"origin": origin, **answer}) + "\n")
                     deferred += answer.get("answered_by") == "teacher"
                 predicted += len(answers)
                 bar.update(len(answers))
-                texts.clear()
-                origins.clear()
-
-            for text, _, origin in stream:
-                problem = text_problem(text, 1)
-                if problem:
-                    tally.drop(problem, origin)
-                if strict:  # the reader counts the rows it cannot parse in the same tally
-                    _refuse_bad_rows(source, tally)
-                if problem:
-                    continue
-                texts.append(text)
-                origins.append(origin)
-                if len(texts) == bs:
-                    flush()
-            if strict:  # a bad row after the last good one
-                _refuse_bad_rows(source, tally)
-            if texts:
-                flush()
         os.replace(tmp, output)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -9,7 +9,7 @@ test accuracy in PyTorch (with a seeded 95% bootstrap interval), agreement betwe
 students, and the largest difference between the two caches' states.
 
 Needs the default pipeline's prepare, tokenizer, teacher and label stages (`dvc repro label`).
-Writes under `--out` (default benchmarks/out/fp16_cache): the float32 cache (the label stage
+Writes under `--out` (default artifacts/benchmarks/fp16_cache): the float32 cache (the label stage
 run again, with float32 states) and both students.
 
     python benchmarks/fp16_cache.py [--pooled-weight 1.0] [--hidden-weight 1.0]
@@ -58,7 +58,7 @@ def max_state_difference(a: dict, b: dict) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", default="benchmarks/out/fp16_cache")
+    ap.add_argument("--out", default="artifacts/benchmarks/fp16_cache")
     ap.add_argument("--pooled-weight", type=float, default=1.0)
     ap.add_argument("--hidden-weight", type=float, default=1.0)
     ap.add_argument("--teacher-layer", type=int, default=3,

@@ -49,7 +49,7 @@ everything is written to `--out/results.json` (stage logs in `--out/logs/<N>/`).
 `--keep`, each N's project is removed once measured (a failed one is kept).
 
     python benchmarks/scale.py [--sizes 20000 100000 200000] [--baseline 1000]
-        [--stages prepare tokenizer label distill] [--out benchmarks/out/scale] [--keep]
+        [--stages prepare tokenizer label distill] [--out artifacts/benchmarks/scale] [--keep]
         [--repeats 3]
     python benchmarks/scale.py --stages predict --sizes 10000 100000 1000000 [--bundle DIR]
 
@@ -471,7 +471,7 @@ def main() -> None:
                              "into --out/bundle, built once)")
     parser.add_argument("--code", type=Path, default=ROOT,
                         help="run the measured processes from this checkout (before/after)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "scale")
+    parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "benchmarks" / "scale")
     parser.add_argument("--repeats", type=int, default=3,
                         help=f"runs of a measured stage that took under {REPEAT_UNDER_S} s "
                              "(median wall time, largest peak RSS); longer runs run once")

@@ -257,7 +257,7 @@ def main() -> None:
                         help="accuracy points below the best teacher runtime allowed")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", default=None,
-                        help="default benchmarks/out/students (quick: .../students-quick)")
+                        help="default artifacts/benchmarks/students (quick: .../students-quick)")
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="params overrides for every variant, e.g. distill.epochs=4")
@@ -265,7 +265,7 @@ def main() -> None:
     if args.quick:
         args.rounds = min(args.rounds, 2)
     args.only = args.only or (QUICK_VARIANTS if args.quick else list(VARIANTS))
-    out = Path(args.out or ("benchmarks/out/students" + ("-quick" if args.quick else "")))
+    out = Path(args.out or ("artifacts/benchmarks/students" + ("-quick" if args.quick else "")))
     params = load_params(args.params)
     extra = {**(QUICK if args.quick else {}), **dict(parse_override(o) for o in args.set)}
     threads = params.evaluate.num_threads

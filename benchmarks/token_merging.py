@@ -10,8 +10,9 @@ and left out), timed round-robin over `--rounds` rounds so that machine noise hi
 configurations alike, best round kept.
 
 Needs the default pipeline's prepare, tokenizer and teacher outputs (`dvc repro teacher`).
-Students and ONNX files go to `--out` (default `benchmarks/out/token_merging/`, git-ignored); a
-student already there with exactly the same resolved params is reused (`--retrain` to redo).
+Students and ONNX files go to `--out` (default `artifacts/benchmarks/token_merging/`,
+git-ignored); a student already there with exactly the same resolved params is reused
+(`--retrain` to redo).
 
     python benchmarks/token_merging.py [--configs off tome:16 tome:24 pitome:24] [--rounds 5]
 """
@@ -86,7 +87,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", default="benchmarks/out/token_merging")
+    parser.add_argument("--out", default="artifacts/benchmarks/token_merging")
     parser.add_argument("--retrain", action="store_true",
                         help="train every student again even if --out holds one with the same "
                              "params")

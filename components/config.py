@@ -491,6 +491,8 @@ class Evaluate(_Section):
     warmup: int = Field(10, ge=0)
     throughput_batch_size: int = Field(32, ge=1)
     repeats: int = Field(5, ge=5)  # timed rounds; medians and IQRs over rounds are reported
+    # A timed pass shorter than this repeats within its turn (a fixed count per round).
+    min_pass_seconds: float = Field(0.3, ge=0, le=10)
     num_threads: int = Field(2, ge=1)
     bootstrap: int = Field(1000, ge=1000)  # resamples for the 95% intervals
     cascade: Cascade = Cascade()

@@ -17,8 +17,11 @@ encoder):
   text is encoded; every encoder is built once, nothing is rebuilt inside a timed call;
 - *tokenisation* (text to padded ids: the pre-cut, tokenizer, padding) is timed per encoder, in
   its own loop, never right after a model call, so systems sharing an encoder report the same
-  figure; *model time* (padded tensors in, logits out) per system; *end to end* is the
-  encoder's tokenisation plus the system's model time;
+  figure; *model time* (padded tensors in, logits out) per system, batch after batch; *end to
+  end* per system as it runs: each batch tokenised, then run, which is what a caller gets. It
+  costs more than the sum of the two (`interplay_ms_per_example`): each evicts the other's
+  working set from the caches (tokenising right after a 16 MB memory sweep costs what it costs
+  right after a model call, about 1.4x its cost alone, on this project's 2-core Xeon);
 - throughput: full passes over the test split in batches of `evaluate.throughput_batch_size`;
   latency: `evaluate.latency_examples` calls of `evaluate.latency_batch_size` (p50/p95 of the
   per-call sums);
@@ -56,11 +59,12 @@ Run: `python -m components.evaluate` (or `dvc repro evaluate`).
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -228,12 +232,41 @@ def _timed(fn: Callable, *args) -> tuple[object, float]:
     return out, time.perf_counter() - start
 
 
+@dataclass
+class _Clock:
+    """One thing timed in every round: seconds per pass over the split (`one_pass`) and, with
+    `one_call`, seconds per latency call. A pass shorter than `evaluate.min_pass_seconds`
+    repeats `repeat` times within its turn (fixed from the warm-up, the same in every round): a
+    tenth of a second is too short to time on a shared machine whose speed drifts from second
+    to second."""
+
+    one_pass: Callable[[], float]
+    one_call: Callable[[object], float] | None = None
+    call_inputs: list = field(default_factory=list)
+    repeat: int = 1
+    passes: list[float] = field(default_factory=list)
+    calls: list[np.ndarray] = field(default_factory=list)
+
+    def warm_up(self, min_seconds: float) -> None:
+        self.repeat = max(1, math.ceil(min_seconds / max(self.one_pass(), 1e-6)))
+
+    def tick(self) -> None:
+        self.passes.append(sum(self.one_pass() for _ in range(self.repeat)) / self.repeat)
+        if self.one_call is not None:
+            self.calls.append(np.array([self.one_call(c) for c in self.call_inputs]))
+
+
 def measure_time(systems: list[System], texts: list[str], params: Params,
-                 progress: bool = True) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
-    """Throughput and latency of every system, model and end to end (see the module
-    docstring): each encoder's tokenisation timed in its own loop, each system's model time on
-    the encoder's padded batches, both in every round. Returns timings and test logits."""
+                 deployed: dict[str, Callable[[list[list[str]]], object]] | None = None,
+                 progress: bool = True) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Throughput and latency of every system (see the module docstring), round-robin over
+    `evaluate.repeats` rounds. In each round: every encoder's tokenisation in its own loop;
+    every system's model alone (its encoder's padded batches, one after another) and end to
+    end as it runs (each batch tokenised, then run); every `deployed` path (text batches in,
+    answers out) over the same batches. Returns the systems' timings and the deployed paths'
+    (`throughput_per_s`, `ms_per_example`, IQR)."""
     cfg = params.evaluate
+    deployed = deployed or {}
     n = len(texts)
     bs, lb = cfg.throughput_batch_size, cfg.latency_batch_size
     chunks = [texts[i : i + bs] for i in range(0, n, bs)]
@@ -242,62 +275,81 @@ def measure_time(systems: list[System], texts: list[str], params: Params,
     encoders = {id(s.encoder): s.encoder for s in systems}  # shared encoders once each
     padded = {key: ([enc(c) for c in chunks], [enc(c) for c in calls])
               for key, enc in encoders.items()}
+
+    def seconds(fn: Callable, *args) -> float:
+        return _timed(fn, *args)[1]
+
+    def as_it_runs(system: System, batch: list[str]) -> float:
+        return seconds(lambda: system.run(*system.encoder(batch)))
+
+    tok = {key: _Clock(lambda e=enc: sum(seconds(e, c) for c in chunks),
+                       lambda c, e=enc: seconds(e, c), calls)
+           for key, enc in encoders.items()}
+    model, e2e = {}, {}
+    for s in systems:
+        batches, singles = padded[id(s.encoder)]
+        model[s.name] = _Clock(lambda s=s, b=batches: sum(seconds(s.run, *x) for x in b),
+                               lambda x, s=s: seconds(s.run, *x), singles)
+        e2e[s.name] = _Clock(lambda s=s: sum(as_it_runs(s, c) for c in chunks),
+                             lambda c, s=s: as_it_runs(s, c), calls)
+    paths = {name: _Clock(lambda p=path: seconds(p, chunks)) for name, path in deployed.items()}
+    clocks = [*tok.values(), *(c for name in model for c in (model[name], e2e[name])),
+              *paths.values()]
     for enc in encoders.values():  # warm-up: lazy allocations, caches, the thread pools
         for i in range(max(1, cfg.warmup)):
             enc(calls[i % len(calls)])
-        enc(chunks[0])
     for system in systems:  # and ORT's first-run graph work
-        batches, singles = padded[id(system.encoder)]
+        singles = padded[id(system.encoder)][1]
         for i in range(max(1, cfg.warmup)):
             system.run(*singles[i % len(singles)])
-        system.run(*batches[0])
-    tok = {key: {"total": [], "calls": []} for key in encoders}
-    model = {s.name: {"total": [], "calls": []} for s in systems}
-    logits: dict[str, np.ndarray] = {}
-    bar = tqdm(total=cfg.repeats * (len(encoders) + len(systems)), desc="evaluate: timing",
-               unit="pass", disable=not progress)
+    for clock in clocks:
+        clock.warm_up(cfg.min_pass_seconds)
+    bar = tqdm(total=cfg.repeats * len(clocks), desc="evaluate: timing", unit="pass",
+               disable=not progress)
     for _ in range(cfg.repeats):
-        for key, enc in encoders.items():
-            tok[key]["total"].append(sum(_timed(enc, c)[1] for c in chunks))
-            tok[key]["calls"].append(np.array([_timed(enc, c)[1] for c in calls]))
-            bar.update()
-        for system in systems:
-            batches, singles = padded[id(system.encoder)]
-            timed = [_timed(system.run, *b) for b in batches]
-            logits[system.name] = np.concatenate([out for out, _ in timed])
-            model[system.name]["total"].append(sum(sec for _, sec in timed))
-            model[system.name]["calls"].append(
-                np.array([_timed(system.run, *c)[1] for c in singles]))
+        for clock in clocks:
+            clock.tick()
             bar.update()
     bar.close()
-    return {s.name: _summary(tok[id(s.encoder)], model[s.name], n, cfg.repeats)
-            for s in systems}, logits
+    timings = {s.name: _summary(tok[id(s.encoder)], model[s.name], e2e[s.name], n,
+                                cfg.repeats) for s in systems}
+    measured = {}
+    for name, clock in paths.items():
+        summary = timing_summary([n / t for t in clock.passes])
+        measured[name] = {"throughput_per_s": summary["median"],
+                          "throughput_iqr": summary["iqr"],
+                          "ms_per_example": 1000.0 / summary["median"], "batch_size": bs}
+    return timings, measured
 
 
-def _summary(tok: dict[str, list], model: dict[str, list], n: int, rounds: int) -> dict:
-    """One system's medians over rounds: end to end = its encoder's tokenisation + its model
-    time, round by round (and call by call for latency)."""
-    e2e_calls = [1000 * (t + m) for t, m in zip(tok["calls"], model["calls"], strict=True)]
-    model_calls = [1000 * m for m in model["calls"]]
-    over_rounds = timing_summary
-    e2e = over_rounds([n / (t + m) for t, m in zip(tok["total"], model["total"], strict=True)])
-    rate = over_rounds([n / m for m in model["total"]])
+def _summary(tok: _Clock, model: _Clock, e2e: _Clock, n: int, rounds: int) -> dict:
+    """One system's medians (and IQRs) over rounds. `interplay_ms_per_example` is what
+    running the two in turn costs beyond their sum (each evicts the other's working set from
+    the caches): end to end minus tokenisation alone minus the model alone."""
+    def median(values) -> float:
+        return timing_summary(values)["median"]
+
+    def percentile(clock: _Clock, q: int) -> list[float]:
+        return [1000 * np.percentile(c, q) for c in clock.calls]
+
+    rate = timing_summary([n / t for t in e2e.passes])
+    model_rate = timing_summary([n / t for t in model.passes])
+    tok_ms = median([1000 * t / n for t in tok.passes])
+    e2e_ms = 1000.0 / rate["median"]
     return {
-        "throughput_per_s": e2e["median"],  # end to end: what a caller gets
-        "throughput_iqr": e2e["iqr"],
-        "model_throughput_per_s": rate["median"],
-        "model_throughput_iqr": rate["iqr"],
-        "tokenize_ms_per_example": over_rounds([1000 * t / n for t in tok["total"]])["median"],
-        "ms_per_example": 1000.0 / e2e["median"],
-        "latency_p50_ms": over_rounds([np.percentile(c, 50) for c in e2e_calls])["median"],
-        "latency_p50_iqr_ms": over_rounds([np.percentile(c, 50) for c in e2e_calls])["iqr"],
-        "latency_p95_ms": over_rounds([np.percentile(c, 95) for c in e2e_calls])["median"],
-        "model_latency_p50_ms": over_rounds([np.percentile(c, 50) for c in model_calls])[
-            "median"],
-        "model_latency_p95_ms": over_rounds([np.percentile(c, 95) for c in model_calls])[
-            "median"],
-        "tokenize_latency_p50_ms": over_rounds(
-            [1000 * np.percentile(c, 50) for c in tok["calls"]])["median"],
+        "throughput_per_s": rate["median"],  # end to end, as it runs: what a caller gets
+        "throughput_iqr": rate["iqr"],
+        "model_throughput_per_s": model_rate["median"],
+        "model_throughput_iqr": model_rate["iqr"],
+        "tokenize_ms_per_example": tok_ms,
+        "ms_per_example": e2e_ms,
+        "interplay_ms_per_example": e2e_ms - tok_ms - 1000.0 / model_rate["median"],
+        "latency_p50_ms": median(percentile(e2e, 50)),
+        "latency_p50_iqr_ms": timing_summary(percentile(e2e, 50))["iqr"],
+        "latency_p95_ms": median(percentile(e2e, 95)),
+        "model_latency_p50_ms": median(percentile(model, 50)),
+        "model_latency_p95_ms": median(percentile(model, 95)),
+        "tokenize_latency_p50_ms": median(percentile(tok, 50)),
         "timing_rounds": rounds,
     }
 
@@ -337,35 +389,15 @@ def deployed_predictor(params: Params, casc: dict | None, labels: list[str]
                                         chosen["threshold"])), "student and cascade")
 
 
-def time_deployed(predictor: Predictor, texts: list[str], params: Params) -> dict:
-    """Texts per second through the deployed path (`bundle.Predictor`: text in, label out,
-    batches of `evaluate.throughput_batch_size`), the student alone and, when the predictor
-    has one, the cascade, alternating over `evaluate.repeats` rounds."""
-    cfg = params.evaluate
-    bs = cfg.throughput_batch_size
-    chunks = [texts[i : i + bs] for i in range(0, len(texts), bs)]
-    modes = [False] + ([True] if predictor.cascade else [])
-    for cascade_on in modes:  # warm-up
-        for chunk in chunks[: max(1, cfg.warmup)]:
-            predictor.predict(chunk, cascade_on)
-    rates: dict[bool, list[float]] = {m: [] for m in modes}
-    deferred = 0
-    for _ in range(cfg.repeats):
-        for cascade_on in modes:
-            answers, seconds = _timed(
-                lambda on=cascade_on: [a for c in chunks for a in predictor.predict(c, on)])
-            rates[cascade_on].append(len(texts) / seconds)
-            if cascade_on:
-                deferred = sum(a["answered_by"] == "teacher" for a in answers)
-    out = {}
-    for cascade_on, values in rates.items():
-        s = timing_summary(values)
-        out["cascade" if cascade_on else "student"] = {
-            "throughput_per_s": s["median"], "throughput_iqr": s["iqr"],
-            "ms_per_example": 1000.0 / s["median"], "batch_size": bs}
+def deployed_paths(predictor: Predictor, batch_size: int
+                   ) -> dict[str, Callable[[list[list[str]]], object]]:
+    """The deployed paths to time: the student alone and, when the predictor has one, the
+    cascade, each as `still predict --input` runs them (`Predictor.stream`: batches in order,
+    the cascade's deferred texts gathered into full teacher batches)."""
+    paths = {"student": lambda chunks: list(predictor.stream(chunks))}
     if predictor.cascade:
-        out["cascade"]["deferred_fraction"] = deferred / len(texts)
-    return out
+        paths["cascade"] = lambda chunks: list(predictor.stream(chunks, True, batch_size))
+    return paths
 
 
 # ----------------------------------------------------------------------------------- quality
@@ -564,7 +596,7 @@ def run(params: Params) -> dict:
     systems, trt_skip = build_systems(params)
     if trt_skip:
         print(f"evaluate: TensorRT engines not evaluated: {trt_skip}")
-    timings, logits = measure_time(systems, texts, params)
+    logits = predict_split(systems, texts, cfg.throughput_batch_size)
     val_logits = predict_split(systems, v_texts, cfg.throughput_batch_size)
     boot = Bootstrap(labels, len(names), cfg.bootstrap, params.seed)
     val_boot = Bootstrap(v_labels, len(names), cfg.bootstrap, params.seed)
@@ -579,6 +611,18 @@ def run(params: Params) -> dict:
               "cascade": ({k: v for k, v in casc.items() if k != "validation_points"}
                           if casc else None)}
 
+    # The deployed path needs the threshold chosen above; it is timed with the systems, round
+    # by round, so the two figures for the same graph meet the same machine.
+    predictor, deployed_note = deployed_predictor(params, casc, names)
+    timings, deployed = measure_time(
+        systems, texts, params,
+        deployed_paths(predictor, cfg.throughput_batch_size) if predictor else None)
+    if "cascade" in deployed:  # what the deployed cascade did on test, beside its time
+        bs = cfg.throughput_batch_size
+        answers = [a for batch in predictor.stream(
+            [texts[i : i + bs] for i in range(0, len(texts), bs)], True, bs) for a in batch]
+        deployed["cascade"]["deferred_fraction"] = float(np.mean(
+            [a["answered_by"] == "teacher" for a in answers]))
     results = {name: {**qual[name], **timings[name]} for name in qual}
     reference = best_of(results, "teacher")
     headline = best_of(results, "student")
@@ -592,8 +636,6 @@ def run(params: Params) -> dict:
                    f"{r['model_throughput_per_s']:.1f} ex/s  e2e {r['throughput_per_s']:.1f} "
                    f"ex/s  tokenize {r['tokenize_ms_per_example']:.3f} ms/ex  "
                    f"{r['size_mb']:.1f} MB")
-    predictor, deployed_note = deployed_predictor(params, casc, names)
-    deployed = time_deployed(predictor, texts, params) if predictor else None
     speed = ratios(results, reference)
     metrics = {"test_examples": len(texts), "validation_examples": len(v_texts),
                "systems": results, "best_teacher": reference, "headline_student": headline,

@@ -146,6 +146,7 @@ TINY_OVERRIDES = {
     "export.parity_batch_size": 4,
     "evaluate.latency_examples": 5,
     "evaluate.warmup": 1,
+    "evaluate.min_pass_seconds": 0,
     "evaluate.throughput_batch_size": 8,
     "evaluate.num_threads": 1,
 }

@@ -83,12 +83,12 @@ def test_harness_measures_predict_with_a_given_bundle(tmp_path, trained_pipeline
 
 @pytest.mark.slow
 def test_harness_runs_every_stage(tmp_path):
+    # Every pipeline stage; predict is measured on a given bundle above (the bundle the
+    # harness ships for it takes the tiny pipeline a minute more on 2 cores).
     result = run_harness(tmp_path, "--sizes", "200", "--baseline", "0", "--keep", "--stages",
-                         *scale.MEASURED)
+                         *scale.STAGES)
     by_stage = {r["stage"]: r for r in result["rows"]}
-    assert list(by_stage) == list(scale.MEASURED)
-    assert by_stage["predict"]["examples"] == 200
-    assert (tmp_path / "bundle" / "bundle.json").is_file()  # shipped by the tiny pipeline
+    assert list(by_stage) == list(scale.STAGES)
     assert all(r["examples_from"] == "stage" for r in by_stage.values())
     train = by_stage["tokenizer"]["examples"]
     # one window per training text: label runs every split + the windows, distill trains on both

@@ -259,20 +259,19 @@ def test_qdq_onnx_is_symmetric_int8_on_weight_matmuls_only(tmp_path, tiny_onnx):
         assert np.abs(a - b).max() < 0.05 * max(1.0, float(np.abs(a).max()))
 
 
-def test_calibration_batches_come_from_validation_shaped_for_the_profile(tmp_path,
-                                                                         monkeypatch):
-    import pandas as pd
-
+def test_calibration_batches_come_from_train_shaped_for_the_profile(tmp_path, monkeypatch):
+    """Train texts (the engines' parity is checked on validation batches), read only as far
+    as the calibration needs."""
     from components.tokenizer import train
     from tests.conftest import make_examples
 
     texts = make_examples(per_class=10)["text"].tolist()
 
-    def validation(paths, split):
-        assert split == "validation" and paths == params.paths
-        return pd.DataFrame({"text": texts, "label": 0})
+    def train_split(paths, split, batch_rows=8192):
+        assert split == "train" and paths == params.paths
+        yield texts
 
-    monkeypatch.setattr("components.export.load_split", validation)
+    monkeypatch.setattr("components.export.iter_split_texts", train_split)
     tok = train(texts, "wordpiece", vocab_size=100, min_frequency=1)
     params = params_with(tmp_path, **{"export.tensorrt.calibration_batches": 3,
                                       "export.tensorrt.opt_batch": 4,

@@ -133,10 +133,13 @@ def test_exp_run_naming_an_output_location_deletes_nothing(repo, pristine, key):
     committed = (repo / "params.yaml").read_bytes()
     assert_refused(dvc(repo, "exp", "run", "-S", f"+paths.{key}={value}"), PATHS_LINE)
     (repo / "params.yaml").write_bytes(committed)  # the failed run left its edit, as DVC does
-    # Without `+`, DVC itself refuses a key params.yaml does not hold, before running anything.
-    proc = dvc(repo, "exp", "run", "-S", f"paths.{key}={value}")
+
+
+def test_exp_run_without_plus_is_refused_by_dvc_itself(repo, pristine):
+    """Without `+`, DVC refuses a key params.yaml does not hold, before running anything."""
+    proc = dvc(repo, "exp", "run", "-S", "paths.data=components")
     assert proc.returncode != 0 and "Running stage" not in proc.stdout + proc.stderr
-    assert f"Could not override 'paths.{key}'" in proc.stderr, proc.stderr
+    assert "Could not override 'paths.data'" in proc.stderr, proc.stderr
 
 
 INPUTS = {

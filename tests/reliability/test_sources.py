@@ -323,28 +323,6 @@ def test_jsonl_repeated_key_and_deep_nesting_are_counted_rows(tmp_path):
 
 # 6. Remote sources: timeouts, 404, closed port, retries ----------------------------------------
 
-@pytest.fixture
-def silent_server():
-    """A TCP server that accepts connections and never answers."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    accepted: list[socket.socket] = []
-
-    def accept() -> None:
-        while True:
-            try:
-                accepted.append(server.accept()[0])
-            except OSError:
-                return
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    server.close()
-    for conn in accepted:
-        conn.close()
-
-
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass

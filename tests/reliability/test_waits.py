@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.server
 import re
-import socket
 import threading
 import time
 
@@ -28,28 +27,6 @@ TIMEOUT_S = 2.0
 def params_for(tmp_path, url: str, timeout_s: float = TIMEOUT_S):
     return validate(tiny_raw_params(tmp_path / "work", url, tmp_path / "unused-teacher",
                                     **{"prepare.timeout_s": timeout_s}))
-
-
-@pytest.fixture
-def silent_server():
-    """Accepts connections and never answers."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    accepted: list[socket.socket] = []
-
-    def accept() -> None:
-        while True:
-            try:
-                accepted.append(server.accept()[0])
-            except OSError:
-                return
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    server.close()
-    for conn in accepted:
-        conn.close()
 
 
 class _Trickle(http.server.BaseHTTPRequestHandler):

@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from components.artifacts import load_split
 from components.config import load_params
+from components.data.artifacts import load_split
 from components.evaluate import build_systems
 
 

@@ -45,7 +45,7 @@ import pandas as pd
 from tokenizers import Tokenizer
 
 from components.config import load_params
-from components.graphio import Encoder, pin_tokenizer_threads
+from components.text.encoding import Encoder, pin_tokenizer_threads
 
 FILES = {  # system name -> (ONNX file, tokenizer file, side) inside paths.export
     "teacher_onnx": ("teacher.onnx", "teacher.tokenizer.json", "teacher"),
@@ -207,7 +207,7 @@ def main() -> int:
     scratch.cleanup()
 
     if not args.no_bundle:
-        from components.bundle import load_bundle
+        from components.serving.bundle import load_bundle
 
         bundle_dir = Path(params.paths.bundle)
         bundle = load_bundle(bundle_dir, threads=cfg.num_threads)

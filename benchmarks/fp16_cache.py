@@ -26,12 +26,12 @@ import numpy as np
 import torch
 
 from components import label
-from components.artifacts import load_label_names, load_split, load_teacher_outputs
 from components.config import apply_overrides, load_params, validate
+from components.data.artifacts import load_label_names, load_split, load_teacher_outputs
 from components.distill import train as distill
+from components.evaluation.stats import Bootstrap
 from components.models.student import load
-from components.stats import Bootstrap
-from components.textdata import batches, chunks, encode, pad_id
+from components.text.batches import batches, chunks, encode, pad_id
 
 
 def test_predictions(student: Path, params) -> np.ndarray:

@@ -28,7 +28,8 @@ import yaml
 from tokenizers import Tokenizer
 
 from components import export
-from components.artifacts import (
+from components.config import apply_overrides, parse_override, validate
+from components.data.artifacts import (
     STUDENT_FP32,
     STUDENT_INT8,
     STUDENT_STATIC_INT8,
@@ -39,11 +40,10 @@ from components.artifacts import (
     TEACHER_TOKENIZER,
     load_split,
 )
-from components.config import apply_overrides, parse_override, validate
-from components.graphio import INPUTS
+from components.evaluation.stats import Bootstrap
 from components.models import student as student_io
-from components.runtimes import TextEncoder, ort_session
-from components.stats import Bootstrap
+from components.models.runtimes import TextEncoder, ort_session
+from components.text.encoding import INPUTS
 
 # One change to export.static_int8 each.
 VARIANTS = {

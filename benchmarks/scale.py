@@ -74,8 +74,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from components.artifacts import REPORT_FILE
 from components.config import load_params
+from components.data.artifacts import REPORT_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("prepare", "tokenizer", "label", "distill")  # the dvc.yaml order, teacher aside

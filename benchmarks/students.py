@@ -21,8 +21,8 @@ Measured, per graph: validation and test accuracy with seeded 95% bootstrap inte
 differences to the best teacher graph's accuracy, model throughput (padded test batches in,
 logits out; ONNX Runtime, batch `--batch-size`, `evaluate.num_threads` threads; median of
 `--rounds` round-robin rounds so machine noise hits every graph alike), the ratio to the best
-teacher graph measured in the same rounds, GFLOPs per example (`components/flops.py`, real
-tokens) and file size. Every choice is made on validation: the best teacher graph (the fastest
+teacher graph measured in the same rounds, GFLOPs per example (`components/evaluation/flops.py`,
+real tokens) and file size. Every choice is made on validation: the best teacher graph (the fastest
 within the validation interval of the most accurate teacher graph), the Pareto front (`*`: no
 other graph both faster and at least as accurate on validation) and the last line, the fastest
 student graph within `--max-drop` points of the best teacher graph on validation; test is
@@ -45,15 +45,6 @@ from pathlib import Path
 import numpy as np
 
 from components import export, label
-from components.artifacts import (
-    OUTPUTS_INDEX,
-    TEACHER_FP32,
-    TOKENIZER_FILE,
-    load_label_names,
-    load_split,
-    load_windows,
-)
-from components.common import PARAMS_FILE, StageError, read_json, redact
 from components.config import (
     apply_overrides,
     load_params,
@@ -61,12 +52,21 @@ from components.config import (
     stage_params,
     validate,
 )
+from components.data.artifacts import (
+    OUTPUTS_INDEX,
+    TEACHER_FP32,
+    TOKENIZER_FILE,
+    load_label_names,
+    load_split,
+    load_windows,
+)
+from components.data.files import PARAMS_FILE, StageError, read_json, redact
 from components.distill import train as distill
-from components.flops import encoder_flops
+from components.evaluation.flops import encoder_flops
+from components.evaluation.stats import Bootstrap
 from components.models import student as student_io
-from components.runtimes import ort_session
-from components.stats import Bootstrap
-from components.textdata import encode, pad_batch, pad_id
+from components.models.runtimes import ort_session
+from components.text.batches import encode, pad_batch, pad_id
 
 # The grid varies one lever at a time around the default student (params.yaml: one layer of 128
 # reading 64 tokens, trained from scratch on the texts and their teacher-labelled windows; a

@@ -4,9 +4,9 @@ merging off and at several merge settings, trained and measured side by side in 
 Every configuration is the default `distill` stage (same data, tokenizer, cached teacher
 outputs, seed, epochs) with only `distill.merge.*` changed, then the default `export` stage
 (ONNX FP32 with the parity check). Accuracy is on the test split; GFLOPs per example are the
-analytic count of `components/flops.py` over the test split's real token counts; throughput
-is ONNX Runtime FP32 on pre-tokenised test batches (tokenisation is the same for every model
-and left out), timed round-robin over `--rounds` rounds so that machine noise hits all
+analytic count of `components/evaluation/flops.py` over the test split's real token counts;
+throughput is ONNX Runtime FP32 on pre-tokenised test batches (tokenisation is the same for every
+model and left out), timed round-robin over `--rounds` rounds so that machine noise hits all
 configurations alike, best round kept.
 
 Needs the default pipeline's prepare, tokenizer and teacher outputs (`dvc repro teacher`).
@@ -27,14 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from components import export
-from components.artifacts import STUDENT_FP32, TOKENIZER_FILE, load_split
-from components.common import PARAMS_FILE, StageError, read_json, redact
 from components.config import apply_overrides, load_params, stage_params, validate
+from components.data.artifacts import STUDENT_FP32, TOKENIZER_FILE, load_split
+from components.data.files import PARAMS_FILE, StageError, read_json, redact
 from components.distill import train as distill
-from components.flops import encoder_flops
+from components.evaluation.flops import encoder_flops
 from components.models import student as student_io
-from components.runtimes import ort_session
-from components.textdata import encode, pad_batch, pad_id
+from components.models.runtimes import ort_session
+from components.text.batches import encode, pad_batch, pad_id
 
 
 def parse_config(text: str) -> tuple[str, dict]:

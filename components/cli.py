@@ -26,7 +26,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from components.common import StageError, resolve_location
 from components.config import (
     DEFAULT_PARAMS,
     Params,
@@ -36,6 +35,7 @@ from components.config import (
     parse_override,
     teacher_layer_count,
 )
+from components.data.files import StageError, resolve_location
 
 
 def _overrides(items: list[str]) -> dict:
@@ -76,7 +76,7 @@ def teacher_problems(params: Params, root: Path) -> list[str]:
 def predict(args: argparse.Namespace) -> int:
     import json
 
-    from components.bundle import load_bundle
+    from components.serving.bundle import load_bundle
 
     if bool(args.texts) == bool(args.input):
         raise StageError("give texts to classify, or --input FILE --output FILE (not both)")
@@ -90,7 +90,7 @@ def predict(args: argparse.Namespace) -> int:
                                      batch_size=args.batch_size):
             print(json.dumps(answer))
         return 0
-    from components.predict import predict_file
+    from components.serving.predict import predict_file
 
     summary = predict_file(bundle, args.input, args.output, cascade=args.cascade,
                            text_column=args.text_column, fmt=args.format,
@@ -106,8 +106,8 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def triton(args: argparse.Namespace) -> int:
-    from components.bundle import load_bundle
-    from components.predict import write_triton
+    from components.serving.bundle import load_bundle
+    from components.serving.predict import write_triton
 
     folder = write_triton(load_bundle(args.bundle), args.out, args.name, args.model,
                           args.max_batch_size)
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"still {args.command}: {err}", file=sys.stderr)
             return 2
     if args.command == "report":
-        from components.report import write_experiments_report
+        from components.reporting.plots import write_experiments_report
 
         try:
             path = write_experiments_report(args.repo, args.out, args.system, args.all_commits)

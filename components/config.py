@@ -39,7 +39,7 @@ LightningPrecision = Literal[
 ]
 # Top-level entries of this project's code folder that an output location built in code (tests,
 # notebooks) must never be or sit in: every stage replaces its whole output folder
-# (components/common.py atomic_dir).
+# (components/data/files.py atomic_dir).
 PROTECTED_ENTRIES = ("components", "flows", "tests", "infra", "benchmarks", ".git", ".dvc",
                      "params.yaml", "dvc.yaml", "dvc.lock", "pyproject.toml")
 # The folder holding this code (components/ and its siblings).
@@ -561,7 +561,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "tokenizer": ("tokenizer", "teacher.model", "distill.max_length"),
     "teacher": ("seed", "trainer", "teacher"),
     # Not trainer.devices/strategy/num_nodes: the cache is the same on any number of processes
-    # (components.inference), so scaling the caching out does not invalidate it.
+    # (components.training.teacher_outputs), so scaling the caching out does not invalidate it.
     "label": ("trainer.num_threads", "trainer.precision", "teacher.max_length",
               "teacher.eval_batch_size", "distill.windows"),
     "distill": ("seed", "trainer", "distill"),

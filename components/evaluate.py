@@ -9,7 +9,8 @@ test: accuracy and macro-F1 with seeded bootstrap 95% intervals; on test, the pa
 interval of its accuracy difference from the best teacher runtime (and McNemar's exact test),
 time, size, parameters, tokens and analytic GFLOPs per example.
 
-How time is measured (`components/runtimes.py` holds the runners, `components/graphio.py` the
+How time is measured (`components/models/runtimes.py` holds the runners,
+`components/text/encoding.py` the
 encoder):
 - threads are pinned for every pool: PyTorch and ONNX Runtime intra-op `evaluate.num_threads`,
   inter-op 1, ONNX Runtime's spinning off (its threads would otherwise keep the cores busy
@@ -72,8 +73,8 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score
 from tqdm.auto import tqdm
 
-from components import cascade, report, tracking
-from components.artifacts import (
+from components.config import Params
+from components.data.artifacts import (
     EXPORTED_GRAPHS,
     QUALITY_FILE,
     RESULTS_FILE,
@@ -88,14 +89,20 @@ from components.artifacts import (
     load_label_names,
     load_split,
 )
-from components.bundle import Graph, Predictor
-from components.common import StageError, atomic_dir, file_size, read_json, stage_main, write_json
-from components.config import Params
-from components.flops import encoder_flops
-from components.graphio import pin_tokenizer_threads
+from components.data.files import (
+    StageError,
+    atomic_dir,
+    file_size,
+    read_json,
+    stage_main,
+    write_json,
+)
+from components.evaluation import cascade
+from components.evaluation.flops import encoder_flops
+from components.evaluation.stats import Bootstrap, timing_summary, versus
+from components.exporting.trt import engines, graphs
 from components.models import student as student_io
-from components.models.teacher import load_saved
-from components.runtimes import (
+from components.models.runtimes import (
     Runner,
     TextEncoder,
     onnx_runner,
@@ -103,8 +110,11 @@ from components.runtimes import (
     pin_torch_threads,
     torch_runner,
 )
-from components.stats import Bootstrap, timing_summary, versus
-from components.trt import engines, graphs
+from components.models.teacher import load_saved
+from components.reporting import plots as report
+from components.reporting import tracking
+from components.serving.bundle import Graph, Predictor
+from components.text.encoding import pin_tokenizer_threads
 
 PLOT_FILE = "plots/systems.json"
 CASCADE_FILE = "plots/cascade.json"

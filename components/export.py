@@ -1,8 +1,8 @@
 """export: the student and the teacher to ONNX (dynamic batch and sequence axes), parity-checked,
 plus INT8 for each.
 
-Produces in `paths.export` (file names in `components/artifacts.py`): `model.onnx` (FP32; inputs
-`input_ids`, `attention_mask` int64 [batch, sequence], output `logits` [batch, num_labels]),
+Produces in `paths.export` (file names in `components/data/artifacts.py`): `model.onnx` (FP32;
+inputs `input_ids`, `attention_mask` int64 [batch, sequence], output `logits` [batch, num_labels]),
 `model.int8.onnx` (ONNX Runtime dynamic quantisation: int8 weights, activations quantised on
 the fly), `model.static_int8.onnx` (static quantisation, below), `tokenizer.json`; the
 fine-tuned teacher the same way (`teacher.onnx`, `teacher.int8.onnx`,
@@ -19,8 +19,8 @@ uint8 activations (int8 with zero point 0 when `activation_symmetric`); every Ma
 quantised, the attention products included, and MatMul/Gemm outputs stay float, so ORT runs
 them as `MatMulIntegerToFloat` and the logits are never rounded to 8 bits. The op types in
 `float_ops` are not quantised and read float inputs (`unround_float_inputs`). Q/DQ is also the
-form TensorRT's INT8 path consumes (with symmetric activations; `components/trt` builds its
-engine graph itself). Like dynamic INT8, a quantised graph is not held to the FP32 tolerance:
+form TensorRT's INT8 path consumes (with symmetric activations; `components/exporting/trt` builds
+its engine graph itself). Like dynamic INT8, a quantised graph is not held to the FP32 tolerance:
 its argmax agreement with FP32 and largest logit drift on held-out validation texts (never the
 calibration texts) are recorded, not checked. Measured on 2 threads (`benchmarks/int8.py`):
 about 1.8-1.9x FP32 model throughput for both models, a few percent faster than dynamic INT8,
@@ -42,7 +42,7 @@ needs `onnxscript`).
 
 TensorRT (`export.tensorrt`; CUDA GPU + `pip install 'still[trt]'` only): `export_engines`
 builds one engine per precision into `tensorrt/` (`<precision>.engine`, the `<precision>.onnx`
-graph it was built from, a `.engine.json` sidecar; see `components/trt/`) and checks each
+graph it was built from, a `.engine.json` sidecar; see `components/exporting/trt/`) and checks each
 against ONNX Runtime on the parity batches. Without a GPU or TensorRT, `metrics.json` records
 `"tensorrt": {"status": "skipped (reason)"}` (`enabled: auto`) or the stage fails with a
 `StageError` that says what is missing (`enabled: true`).
@@ -63,7 +63,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components.artifacts import (
+from components.config import QUANTIZABLE_OPS, Params, StaticInt8
+from components.data.artifacts import (
     STUDENT_FP32,
     STUDENT_INT8,
     STUDENT_PREPROCESSING,
@@ -77,22 +78,14 @@ from components.artifacts import (
     iter_split_texts,
     load_split,
 )
-from components.bundle import preprocessing
-from components.common import (
-    StageError,
-    atomic_dir,
-    file_size,
-    reading,
-    stage_main,
-    write_json,
-)
-from components.config import QUANTIZABLE_OPS, Params, StaticInt8
-from components.graphio import INPUTS, OUTPUTS
+from components.data.files import StageError, atomic_dir, file_size, reading, stage_main, write_json
+from components.exporting.trt import engines, graphs
 from components.models import student as student_io
+from components.models.runtimes import TextEncoder, ort_session
 from components.models.teacher import load_saved
-from components.runtimes import TextEncoder, ort_session
-from components.textdata import batches, encode, pad_batch, pad_id
-from components.trt import engines, graphs
+from components.serving.bundle import preprocessing
+from components.text.batches import batches, encode, pad_batch, pad_id
+from components.text.encoding import INPUTS, OUTPUTS
 
 
 class ParityError(StageError):

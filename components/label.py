@@ -9,8 +9,8 @@ windows themselves (`windows.parquet`: text, source row in the train split, labe
 `params.json`. The files are written batch by batch and read back as memory maps
 (`artifacts.load_teacher_outputs`): memory does not grow with the data.
 
-The teacher runs through Lightning's predict loop (`components.inference`), with the Trainer
-built from `params.trainer` like training's: `trainer.devices`/`strategy`/`num_nodes` split
+The teacher runs through Lightning's predict loop (`components.training.teacher_outputs`), with the
+Trainer built from `params.trainer` like training's: `trainer.devices`/`strategy`/`num_nodes` split
 the caching across processes, and the cache is the same whatever their number.
 
 The windows are what TinyBERT-style augmentation adds: the default articles are about four
@@ -33,7 +33,8 @@ import pyarrow.parquet as pq
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from components.artifacts import (
+from components.config import Params
+from components.data.artifacts import (
     LAYERS_DTYPE,
     OUTPUTS_INDEX,
     SPLITS,
@@ -46,11 +47,10 @@ from components.artifacts import (
     split_path,
     write_outputs_index,
 )
-from components.common import StageError, atomic_dir, stage_main, write_json
-from components.config import Params
-from components.inference import Source, cache_outputs
+from components.data.files import StageError, atomic_dir, stage_main, write_json
 from components.models.teacher import load_saved
-from components.textdata import pad_id, text_windows
+from components.text.batches import pad_id, text_windows
+from components.training.teacher_outputs import Source, cache_outputs
 
 WINDOWS_SCHEMA = pa.schema([("text", pa.string()), ("source", pa.int64()),
                             ("label", pa.int64())])

@@ -41,10 +41,10 @@ file per example; `hf:NAME` for a Hugging Face dataset (needs the `[hf]` extra a
 `pkg:MODULE/sub/path` for data shipped in an installed package. A folder source is never left:
 symlinks are followed only to targets inside it, hidden files and folders (`.name`) are never
 read, class folders named `_name` are skipped, and each entry left out is counted by reason
-in report.json `skipped`. The readers live in `components.rows`, shared with `still predict
+in report.json `skipped`. The readers live in `components.data.rows`, shared with `still predict
 --input`, so a bad row is named the same way in both.
 
-Streaming: memory does not grow with the dataset's texts. The reader (`components.rows`) yields
+Streaming: memory does not grow with the dataset's texts. The reader (`components.data.rows`) yields
 one row at a time (CSV/TSV record by record, JSONL line by line, Parquet and Hugging Face
 datasets `BATCH_ROWS` rows at a time, a folder file by file) and the stage makes two passes:
 1. clean each row as it comes (the rules above) and spill the usable ones, `BATCH_ROWS` at a
@@ -78,10 +78,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from components.artifacts import SPLITS, SplitWriter, write_prepared
-from components.common import StageError, atomic_dir, cut_at_word, stage_main
 from components.config import Params, Prepare
-from components.rows import (
+from components.data.artifacts import SPLITS, SplitWriter, write_prepared
+from components.data.files import StageError, atomic_dir, cut_at_word, stage_main
+from components.data.rows import (
     EXAMPLES_PER_REASON,
     FOLDER_SKIP_REASONS,
     READ_BUFFER,

@@ -1,6 +1,6 @@
 """ship: the bundle a user deploys, with its model card.
 
-Produces `paths.bundle` (artifacts/bundle by default; layout in `components.bundle`): the
+Produces `paths.bundle` (artifacts/bundle by default; layout in `components.serving.bundle`): the
 student's ONNX graphs (FP32, dynamic INT8 and, when exported, static INT8), its tokenizer and
 preprocessing, the label names, the cascade policy chosen on validation and the teacher graph
 it defers to (`ship.cascade`), the model card (`README.md`, Hugging Face layout, and
@@ -25,8 +25,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from components import report, tracking
-from components.artifacts import (
+from components.config import Params
+from components.data.artifacts import (
     STUDENT_FP32,
     STUDENT_INT8,
     STUDENT_PREPROCESSING,
@@ -43,7 +43,10 @@ from components.artifacts import (
     load_results,
     load_source_manifest,
 )
-from components.bundle import (
+from components.data.files import StageError, atomic_dir, redact, stage_main, write_json
+from components.reporting import plots as report
+from components.reporting import tracking
+from components.serving.bundle import (
     CARD,
     CARD_HTML,
     CASCADE,
@@ -57,8 +60,6 @@ from components.bundle import (
     file_entries,
     side,
 )
-from components.common import StageError, atomic_dir, redact, stage_main, write_json
-from components.config import Params
 
 # Export file of each shippable system, and the export files beside each side's graphs.
 EXPORTED = {"student_onnx": STUDENT_FP32, "student_onnx_int8": STUDENT_INT8,
@@ -306,7 +307,7 @@ def model_card(params: Params, quality: dict, results: dict | None, speed_note: 
               "still predict --bundle BUNDLE --input texts.csv --output preds.jsonl"
               + (" --cascade" if policy else ""),
               "still triton --bundle BUNDLE --out model_repository   # Triton layout",
-              "```", "", "```python", "from components.bundle import load_bundle",
+              "```", "", "```python", "from components.serving.bundle import load_bundle",
               "", 'bundle = load_bundle("BUNDLE")   # checks every file against bundle.json',
               'bundle.predict(["A text to classify"])   # [{"label": ..., "probability": ...}]',
               "```", "",

@@ -29,7 +29,8 @@ import hashlib
 import json
 from pathlib import Path, PurePosixPath
 
-from components.common import (
+from components.config import Params
+from components.data.files import (
     RemoteWaits,
     StageError,
     atomic_write_bytes,
@@ -40,7 +41,6 @@ from components.common import (
     stage_main,
     walk_local,
 )
-from components.config import Params
 
 # fsspec info keys that name an object's version or content (S3, GCS, Azure, HTTP, others).
 # Modification times are not among them: a second's resolution misses a quick rewrite of the

@@ -18,13 +18,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from components.artifacts import iter_split_texts, load_label_names, load_split_labels
-from components.common import StageError, atomic_dir, stage_main, write_json
 from components.config import Params
-from components.hub import load_tokenizer, loading, model_path
+from components.data.artifacts import iter_split_texts, load_label_names, load_split_labels
+from components.data.files import StageError, atomic_dir, stage_main, write_json
+from components.models.hub import load_tokenizer, loading, model_path
 from components.models.teacher import predict_outputs, with_head
-from components.textdata import EncodedDataset, TextDataModule, encode_batches, pad_id
-from components.training import ClassifierModule, configure_torch, cross_entropy, fit
+from components.text.batches import EncodedDataset, TextDataModule, encode_batches, pad_id
+from components.training.fit import ClassifierModule, configure_torch, cross_entropy, fit
 
 
 def head_labels(config) -> list[str] | None:

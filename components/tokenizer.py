@@ -42,13 +42,13 @@ from tokenizers import (
     trainers,
 )
 
-from components.artifacts import TOKENIZER_FILE, iter_split_texts, load_split_labels
-from components.common import atomic_dir, cut_at_word, stage_main, write_json
 from components.config import SPECIAL_TOKENS, Params
 from components.config import Tokenizer as TokenizerConfig
-from components.graphio import configured
-from components.hub import load_backend_tokenizer
-from components.report import markdown_table
+from components.data.artifacts import TOKENIZER_FILE, iter_split_texts, load_split_labels
+from components.data.files import atomic_dir, cut_at_word, stage_main, write_json
+from components.models.hub import load_backend_tokenizer
+from components.reporting.plots import markdown_table
+from components.text.encoding import configured
 
 PAD, UNK, CLS, SEP = SPECIAL_TOKENS[:4]
 CURVE_FILE = "curve.json"  # DVC plot data: vocabulary size vs text covered, and the teacher

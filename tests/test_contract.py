@@ -206,7 +206,7 @@ def _stage_files(name: str) -> set[str]:
 
 
 def test_no_stage_imports_another_stage():
-    """Stages meet through components.artifacts (files and readers), components.models and the
+    """Stages meet through components.data.artifacts (files and readers), components.models and the
     shared modules, never by importing each other (directly or through a shared module)."""
     own = {name: _stage_files(name) for name in DVC["stages"]}
     crossing = []

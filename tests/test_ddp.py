@@ -37,10 +37,10 @@ import torch
 import yaml
 
 from components import label, prepare, teacher, tokenizer
-from components.artifacts import load_split, load_teacher_outputs
 from components.config import Paths, apply_overrides, validate
+from components.data.artifacts import load_split, load_teacher_outputs
 from components.models.student import load
-from components.textdata import batches, encode, pad_id
+from components.text.batches import batches, encode, pad_id
 from tests.conftest import ROOT, tiny_raw_params
 
 pytestmark = pytest.mark.slow

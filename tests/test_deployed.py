@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from components.bundle import load_bundle
+from components.serving.bundle import load_bundle
 
 
 def test_streamed_cascade_answers_what_batch_by_batch_prediction_answers(trained_pipeline):
@@ -19,7 +19,7 @@ def test_streamed_cascade_answers_what_batch_by_batch_prediction_answers(trained
     bundle = load_bundle(params.paths.bundle)
     if bundle.policy is None:
         pytest.skip("the tiny pipeline chose no cascade threshold")
-    from components.artifacts import load_split
+    from components.data.artifacts import load_split
 
     texts = load_split(params.paths, "test")["text"].tolist() * 3
     batches = [texts[i : i + 5] for i in range(0, len(texts), 5)]
@@ -47,7 +47,7 @@ def test_the_tokenizers_pool_takes_the_pinned_size():
     3 more threads with 4 pinned than with 1."""
     code = """
 import os, sys, threading
-from components.graphio import Encoder, pin_tokenizer_threads
+from components.text.encoding import Encoder, pin_tokenizer_threads
 from components.tokenizer import train
 pin_tokenizer_threads(int(sys.argv[1]))
 tok = train(["alpha beta gamma delta"] * 50, "wordpiece", 60, 1)

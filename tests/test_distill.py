@@ -1,8 +1,8 @@
 import torch
 
-from components.distill.losses import DistillationLoss, kd_kl
+from components.models.losses import DistillationLoss, kd_kl
 from components.models.student import Student, StudentConfig, load, save
-from components.textdata import pad_batch
+from components.text.batches import pad_batch
 
 
 def tiny_student(**kw):
@@ -64,7 +64,7 @@ def test_feature_distillation_decreases_every_term():
     """A tiny student with token merging, trained against fixed teacher logits and hidden
     states: the logit KD, the pooled and the per-layer feature terms all go down, and the
     learned projections (which live in the loss, not the model) are what make that possible."""
-    from components.distill.losses import FeatureDistillationLoss
+    from components.models.losses import FeatureDistillationLoss
 
     torch.manual_seed(0)
     model = tiny_student(merge_method="tome", merge_r=1).train()
@@ -107,9 +107,9 @@ def test_unusable_lightning_strategy_is_a_clear_stage_error(tmp_path, dataset_cs
     fails before any training with the trainer params named."""
     import pytest
 
-    from components.common import StageError
     from components.config import validate
-    from components.training import ClassifierModule, cross_entropy, fit
+    from components.data.files import StageError
+    from components.training.fit import ClassifierModule, cross_entropy, fit
     from tests.conftest import tiny_raw_params
 
     raw = tiny_raw_params(tmp_path, dataset_csv, tiny_teacher,

@@ -206,7 +206,7 @@ def test_cascade_is_chosen_on_validation_and_reported_on_test(trained_pipeline):
 
 
 def test_bootstrap_intervals_and_mcnemar():
-    from components.stats import Bootstrap, mcnemar_exact
+    from components.evaluation.stats import Bootstrap, mcnemar_exact
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 400)
@@ -226,7 +226,7 @@ def test_bootstrap_intervals_and_mcnemar():
     assert mcnemar_exact(good, good, labels)["p_value"] == 1.0
     from sklearn.metrics import f1_score
 
-    from components.stats import macro_f1_from_counts
+    from components.evaluation.stats import macro_f1_from_counts
 
     counts = np.zeros((3, 3), dtype=int)
     np.add.at(counts, (labels, bad), 1)
@@ -302,8 +302,8 @@ def test_static_int8_off_leaves_it_out_and_evaluate_and_ship_still_work(trained_
     """export.static_int8.enabled: false writes no static graphs; evaluate measures the other
     systems and ship bundles the student without one."""
     from components import evaluate, export, ship
-    from components.bundle import load_bundle
     from components.config import apply_overrides, validate
+    from components.serving.bundle import load_bundle
 
     params, _ = trained_pipeline
     params = validate(apply_overrides(params.to_dict(), {

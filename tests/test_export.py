@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from components.common import StageError
+from components.data.files import StageError
 from components.export import ParityError, check_parity, export_onnx
-from components.runtimes import ort_session as session
-from components.textdata import pad_batch
+from components.models.runtimes import ort_session as session
+from components.text.batches import pad_batch
 from tests.test_distill import tiny_student
 
 
@@ -152,8 +152,8 @@ def test_static_int8_graphs_are_exported_and_agree_with_fp32(trained_pipeline):
     ORT at other batch sizes and lengths, predicting (nearly) what FP32 predicts on test."""
     import onnx
 
-    from components.artifacts import load_split
-    from components.runtimes import TextEncoder
+    from components.data.artifacts import load_split
+    from components.models.runtimes import TextEncoder
 
     params, results = trained_pipeline
     out = Path(params.paths.export)

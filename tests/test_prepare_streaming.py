@@ -17,9 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 from pandas.testing import assert_frame_equal
 
-from components import artifacts, prepare, rows
-from components.common import StageError, cut_at_word
+from components import prepare
 from components.config import validate
+from components.data import artifacts, rows
+from components.data.files import StageError, cut_at_word
 from tests.conftest import make_examples, tiny_raw_params
 
 

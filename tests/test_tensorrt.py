@@ -1,4 +1,4 @@
-"""TensorRT (`components/trt/` and the export/evaluate steps that use it): profiles, the
+"""TensorRT (`components/exporting/trt/` and the export/evaluate steps that use it): profiles, the
 skip/fail paths and the ONNX rewrites run on any CPU, and so do the build and parity code paths
 with stand-ins for TensorRT; real engine builds and parity run only on a CUDA GPU with TensorRT
 10 (marked `gpu`, skipped elsewhere)."""
@@ -16,12 +16,12 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
-from components.common import StageError, read_json, write_json
 from components.config import TensorRT, validate
+from components.data.files import StageError, read_json, write_json
 from components.evaluate import evaluate_runners
 from components.export import calibration_batches, export_engines, export_onnx
-from components.textdata import pad_batch
-from components.trt import engines, graphs
+from components.exporting.trt import engines, graphs
+from components.text.batches import pad_batch
 from tests.conftest import tiny_raw_params
 from tests.test_distill import tiny_student
 
@@ -203,7 +203,7 @@ def _imports(module) -> tuple[set[str], set[str]]:
 def test_graphs_never_need_tensorrt_and_engines_import_it_lazily():
     eager, lazy = _imports(graphs)
     assert not {n for n in eager | lazy if n.split(".")[0] == "tensorrt"}
-    assert "components.trt.engines" not in eager | lazy
+    assert "components.exporting.trt.engines" not in eager | lazy
     eager, lazy = _imports(engines)
     assert "tensorrt" not in eager and "tensorrt" in lazy
 

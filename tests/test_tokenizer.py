@@ -7,9 +7,9 @@ import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from components import prepare, tokenizer
-from components.artifacts import load_split
 from components.config import SPECIAL_TOKENS, ParamsError, apply_overrides, validate
 from components.config import Tokenizer as TokenizerConfig
+from components.data.artifacts import load_split
 from tests.conftest import ROOT, make_examples, tiny_raw_params
 
 

@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 
 from components import label
-from components.artifacts import load_split, load_teacher_outputs, load_windows
-from components.common import StageError
 from components.config import apply_overrides, validate
+from components.data.artifacts import load_split, load_teacher_outputs, load_windows
+from components.data.files import StageError
 from components.distill import train as distill
 from components.models.teacher import load_saved, predict_outputs
-from components.textdata import encode, pad_id, text_windows
+from components.text.batches import encode, pad_id, text_windows
 
 
 def test_windows_follow_words_stride_and_cap():

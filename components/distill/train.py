@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from components.artifacts import (
+from components.config import Params, layer_map_problem, teacher_layer_count
+from components.data.artifacts import (
     TOKENIZER_FILE,
     iter_parquet,
     iter_split_texts,
@@ -35,9 +36,8 @@ from components.artifacts import (
     read_labels,
     windows_path,
 )
-from components.common import StageError, atomic_dir, reading, stage_main, write_json
-from components.config import Params, layer_map_problem, teacher_layer_count
-from components.distill.losses import DistillationLoss, FeatureDistillationLoss
+from components.data.files import StageError, atomic_dir, reading, stage_main, write_json
+from components.models.losses import DistillationLoss, FeatureDistillationLoss
 from components.models.student import (
     Student,
     StudentConfig,
@@ -45,7 +45,7 @@ from components.models.student import (
     save,
     spread_layers,
 )
-from components.textdata import (
+from components.text.batches import (
     EncodedDataset,
     Stacked,
     TextDataModule,
@@ -53,7 +53,7 @@ from components.textdata import (
     encode_batches,
     pad_id,
 )
-from components.training import ClassifierModule, configure_torch, fit
+from components.training.fit import ClassifierModule, configure_torch, fit
 
 
 def build_student(params: Params, vocab_size: int, num_labels: int, pad: int) -> Student:

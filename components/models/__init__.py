@@ -1,3 +1,3 @@
 """Model definitions shared by the stages that train, export and evaluate them (the student, its
 token merging, the teacher adapter). Not stages: no stage imports another stage, they meet here
-and in `components.artifacts`."""
+and in `components.data.artifacts`."""

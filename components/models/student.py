@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from components.common import StageError
 from components.config import merge_min_tokens
+from components.data.files import StageError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

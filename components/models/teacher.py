@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from components.common import StageError
-from components.hub import loading
+from components.data.files import StageError
+from components.models.hub import loading
 
 
 class HFClassifier(nn.Module):
@@ -41,7 +41,7 @@ def predict_outputs(model: HFClassifier, ids: list[list[int]], batch_size: int, 
     order; `progress` names a progress bar (None: silent)."""
     from tqdm.auto import tqdm
 
-    from components.textdata import batches
+    from components.text.batches import batches
 
     model.eval()
     logits, layers = [], []

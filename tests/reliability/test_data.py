@@ -10,9 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from components import artifacts, evaluate, label, prepare
-from components.common import StageError
+from components import evaluate, label, prepare
 from components.config import validate
+from components.data import artifacts
+from components.data.files import StageError
 from tests.conftest import make_examples, tiny_raw_params
 from tests.reliability.conftest import leftovers, run_stage_cli, snapshot
 
@@ -190,7 +191,7 @@ def test_class_smaller_than_the_splits_is_dropped_and_reported_or_fails(tmp_path
 
 
 def test_extremely_long_text_is_kept_whole_and_truncated_only_when_encoded(tmp_path):
-    from components.textdata import encode
+    from components.text.batches import encode
     from components.tokenizer import train
 
     long_text = " ".join(["match goal team"] * 40_000)  # ~600 kB: over csv's 128 KiB field cap

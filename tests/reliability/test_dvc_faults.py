@@ -43,7 +43,7 @@ def assert_up_to_date(status: str) -> None:
 def test_stage_dying_mid_write_leaves_lock_and_previous_outputs(repo):
     data = repo / "data/prepared"
     lock, before = (repo / "dvc.lock").read_bytes(), snapshot(data)
-    stage = repo / "components/artifacts.py"  # prepare writes its files through it
+    stage = repo / "components/data/artifacts.py"  # prepare writes its files through it
     original = stage.read_text()
     write = '        self._writer.write_table(table)\n'
     assert write in original

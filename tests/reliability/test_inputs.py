@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components import artifacts, prepare, tokenizer
+from components import prepare, tokenizer
 from components.cli import main as still
-from components.common import StageError, atomic_dir
 from components.config import ParamsError, load_params, validate
+from components.data import artifacts
+from components.data.files import StageError, atomic_dir
 from tests.conftest import ROOT, make_examples, tiny_raw_params
 from tests.reliability.conftest import leftovers, run_stage_cli, snapshot
 

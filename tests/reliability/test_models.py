@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from components import evaluate, export, prepare, teacher
-from components.artifacts import TOKENIZER_FILE
-from components.common import StageError
 from components.config import validate
+from components.data.artifacts import TOKENIZER_FILE
+from components.data.files import StageError
+from components.exporting.trt import engines
 from components.models.student import Student, StudentConfig, save
 from components.tokenizer import train
-from components.trt import engines
 from tests.conftest import make_examples, tiny_raw_params
 from tests.reliability.conftest import leftovers, snapshot
 

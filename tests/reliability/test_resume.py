@@ -10,8 +10,8 @@ import pytorch_lightning as pl
 import torch
 
 from components.models.student import Student, StudentConfig
-from components.textdata import EncodedDataset, TextDataModule
-from components.training import (
+from components.text.batches import EncodedDataset, TextDataModule
+from components.training.fit import (
     LAST_CHECKPOINT,
     PARAMS_HASH_FILE,
     ClassifierModule,

@@ -9,9 +9,9 @@ import re
 import subprocess
 from pathlib import Path
 
-from components import tracking
-from components.common import atomic_dir, redact
 from components.config import validate
+from components.data.files import atomic_dir, redact
+from components.reporting import tracking
 from tests.conftest import ROOT, tiny_raw_params
 
 SECRET_PATTERNS = {

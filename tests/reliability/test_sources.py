@@ -22,10 +22,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from components import artifacts, prepare
+from components import prepare
 from components.cli import main as still
-from components.common import StageError
 from components.config import ParamsError, Prepare, validate
+from components.data import artifacts
+from components.data.files import StageError
 from tests.conftest import ROOT, make_examples, tiny_raw_params
 from tests.reliability.conftest import leftovers, snapshot
 

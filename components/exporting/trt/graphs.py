@@ -1,6 +1,6 @@
 """The graph a TensorRT engine is built from: ONNX rewrites of the exported student, plus the
 optimisation profile. Plain ONNX and ONNX Runtime only (no `tensorrt` import, no GPU), so all of
-it runs and is tested on a CPU; `components.trt.engines` compiles the result on the GPU.
+it runs and is tested on a CPU; `components.exporting.trt.engines` compiles the result on the GPU.
 
 - **int32 inputs.** The ONNX export has int64 `input_ids`/`attention_mask`; TensorRT's native
   index type is int32, so `int32_onnx` rewrites the graph inputs to int32 and inserts a Cast to
@@ -31,13 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from components.common import StageError
 from components.config import TensorRT
-from components.graphio import INPUTS, OUTPUTS
+from components.data.files import StageError
+from components.text.encoding import INPUTS, OUTPUTS
 
 ENGINE_DIR = "tensorrt"
 PRECISIONS = ("fp16", "int8")
-INPUT_NAMES = INPUTS  # the graphs' interface (components.graphio)
+INPUT_NAMES = INPUTS  # the graphs' interface (components.text.encoding)
 OUTPUT_NAME = OUTPUTS[0]
 
 Shape = tuple[int, int]

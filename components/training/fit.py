@@ -30,10 +30,10 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import nn
 
-from components import tracking
-from components.common import StageError
 from components.config import Params
-from components.textdata import chunks
+from components.data.files import StageError
+from components.reporting import tracking
+from components.text.batches import chunks
 
 
 class _NoPromotionalTips(logging.Filter):
@@ -220,8 +220,8 @@ def resume_checkpoint(checkpoint_dir: Path, digest: str) -> Path | None:
 def lightning_trainer(params: Params, **settings) -> pl.Trainer:
     """A deterministic Trainer on `params.trainer`'s accelerator, devices, strategy, num_nodes
     and precision, plus `settings`: the one place training and teacher caching
-    (`components.inference`) build theirs, so both scale out the same way. Values Lightning
-    refuses here become one StageError naming them."""
+    (`components.training.teacher_outputs`) build theirs, so both scale out the same way. Values
+    Lightning refuses here become one StageError naming them."""
     t = params.trainer
     try:
         return pl.Trainer(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,

@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
-from components.graphio import Encoder, configured, pad_arrays, pad_id
+from components.text.encoding import Encoder, configured, pad_arrays, pad_id
 
 __all__ = ["Collator", "EncodedDataset", "Stacked", "TextDataModule", "TokenIds", "batches",
            "configured", "encode", "encode_batches", "pad_batch", "pad_id", "text_windows"]

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components.common import StageError
-from components.graphio import OUTPUTS, Encoder, session_options
-from components.textdata import pad_batch
+from components.data.files import StageError
+from components.text.batches import pad_batch
+from components.text.encoding import OUTPUTS, Encoder, session_options
 
 Runner = Callable[[torch.Tensor, torch.Tensor], np.ndarray]
 

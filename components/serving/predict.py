@@ -1,7 +1,7 @@
 """Using a bundle from the command line: predictions for a file, and a Triton model repository.
 
 `predict_file` reads a csv/tsv/jsonl/parquet file (any fsspec URI) with the same readers and
-the same row checks as prepare (`components.rows`): a malformed record, undecodable bytes, a
+the same row checks as prepare (`components.data.rows`): a malformed record, undecodable bytes, a
 missing or empty text is counted by reason with its location and left out (or stops the run
 with `on_bad_rows="error"`); every other row gets one JSON line in `output`, with its origin
 ("file:line"), in input order. It streams: rows are read, predicted (the bundle's `Predictor`,
@@ -31,11 +31,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from components.bundle import LABELS, MODEL_FILES, Bundle, BundleError
-from components.common import StageError, atomic_dir
-from components.rows import Reader, Rows, describe_drops, stream_source, text_problem
+from components.data.files import StageError, atomic_dir
+from components.data.rows import Reader, Rows, describe_drops, stream_source, text_problem
+from components.serving.bundle import LABELS, MODEL_FILES, Bundle, BundleError
 
-# The row problems prepare also counts (components.rows); any of them with on_bad_rows=error
+# The row problems prepare also counts (components.data.rows); any of them with on_bad_rows=error
 # stops the run.
 BAD_ROWS = ("malformed", "not_utf8", "missing_field", "missing_text", "empty_text")
 

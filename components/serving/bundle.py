@@ -22,7 +22,7 @@ the tokenizer's own normaliser (lowercasing included, recorded as `lowercase`), 
 sequence of the batch (at least `min_length`, which a token-merging student needs), int64
 `input_ids` and `attention_mask` in, float `logits` out.
 
-    from components.bundle import load_bundle
+    from components.serving.bundle import load_bundle
     bundle = load_bundle("artifacts/bundle")        # verifies every file against bundle.json
     bundle.predict(["some text"])                   # [{"label": ..., "probability": ...}]
     bundle.predict(texts, cascade=True)             # + "answered_by", "confidence"
@@ -42,9 +42,15 @@ from typing import Any
 import numpy as np
 from scipy.special import softmax as scipy_softmax
 
-from components import cascade as rule
-from components.common import StageError, read_json
-from components.graphio import INPUTS, OUTPUTS, Encoder, pin_tokenizer_threads, session_options
+from components.data.files import StageError, read_json
+from components.evaluation import cascade as rule
+from components.text.encoding import (
+    INPUTS,
+    OUTPUTS,
+    Encoder,
+    pin_tokenizer_threads,
+    session_options,
+)
 
 FORMAT = "still-bundle/1"
 MANIFEST = "bundle.json"
@@ -237,7 +243,7 @@ class Predictor:
     def cascade_batch(self, batch: Sequence[str]) -> list[dict[str, Any]]:
         student, teacher, measure, threshold = self.cascade
         logits = student.logits(batch)
-        # The same rule evaluate chose the threshold with (components.cascade).
+        # The same rule evaluate chose the threshold with (components.evaluation.cascade).
         conf = rule.confidence(logits, measure)
         defer = rule.deferred(logits, measure, threshold)
         answers = self.answers(softmax(logits))

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from components.common import redact
 from components.config import Params
+from components.data.files import redact
 
 
 def wandb_mode(params: Params) -> str:

@@ -31,18 +31,18 @@ import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
 from torch.utils.data import DataLoader, IterableDataset
 
-from components.artifacts import (
+from components.config import Params
+from components.data.artifacts import (
     LAYERS_DTYPE,
     NpyWriter,
     iter_parquet,
     outputs_files,
     parquet_rows,
 )
-from components.common import StageError
-from components.config import Params
-from components.graphio import Encoder
-from components.textdata import pad_batch
-from components.training import leave_process_group, lightning_trainer
+from components.data.files import StageError
+from components.text.batches import pad_batch
+from components.text.encoding import Encoder
+from components.training.fit import leave_process_group, lightning_trainer
 
 # Lightning warns about any IterableDataset with a __len__ in case several loader workers
 # duplicate it; this one runs in the main process and its length is exact.

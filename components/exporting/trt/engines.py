@@ -1,5 +1,6 @@
 """TensorRT engines for the exported student (CUDA GPU + `pip install 'still[trt]'` only): build
-one from the graph `components.trt.graphs` prepares, run it, check it against ONNX Runtime.
+one from the graph `components.exporting.trt.graphs` prepares, run it, check it against ONNX
+Runtime.
 
 `build_engine` writes, per precision in `export.tensorrt.precisions`: `<precision>.engine` (the
 serialised engine), `<precision>.onnx` (the exact graph it was built from) and
@@ -31,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from components.common import StageError, atomic_write_bytes, file_size, write_json
 from components.config import TensorRT
-from components.trt.graphs import (
+from components.data.files import StageError, atomic_write_bytes, file_size, write_json
+from components.exporting.trt.graphs import (
     INPUT_NAMES,
     OUTPUT_NAME,
     PRECISIONS,

@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from components.common import StageError, resolve_location
+from components.data.files import StageError, resolve_location
 
 
 def model_path(ref: str) -> str:

@@ -19,7 +19,7 @@ readers take `Paths` (the `paths:` section of params), not all of the params.
   (`teacher.onnx`, `teacher.int8.onnx`, `teacher.tokenizer.json`,
   `teacher.preprocessing.json`), so that evaluate measures the teacher a user would deploy
   instead of distilling (ONNX Runtime, FP32 and INT8), not only PyTorch eager; the
-  preprocessing files say how text becomes each graph's inputs (`components.bundle`);
+  preprocessing files say how text becomes each graph's inputs (`components.serving.bundle`);
 - evaluation (`paths.evaluate`): `quality.json` (accuracy with intervals, size, FLOPs, cascade
   policy: what predictions decide); its measured side in `paths.results` (`metrics.json`,
   plots, report), git-tracked and outside dvc.lock;
@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from components.common import StageError, read_json, reading, write_json
 from components.config import Paths
+from components.data.files import StageError, read_json, reading, write_json
 
 if TYPE_CHECKING:  # annotations only; the stages that need these import them
     from tokenizers import Tokenizer

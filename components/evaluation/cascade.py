@@ -89,7 +89,7 @@ def plot(val_points: list[dict], points: list[dict], chosen: dict | None, target
          path) -> None:
     """Left: accuracy vs deferral on validation (where the threshold is chosen) and test.
     Right: test accuracy vs expected cost, the student and the teacher alone, the target."""
-    from components.report import pyplot
+    from components.reporting.plots import pyplot
 
     plt = pyplot()
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from components.common import (
+from components.data.files import (
     SKIP_REASONS,
     Listing,
     RemoteWaits,

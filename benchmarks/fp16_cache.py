@@ -31,7 +31,9 @@ from components.data.artifacts import load_label_names, load_split, load_teacher
 from components.distill import train as distill
 from components.evaluation.stats import Bootstrap
 from components.models.student import load
-from components.text.batches import batches, chunks, encode, pad_id
+from components.text.batches import chunks, encode
+from components.text.datasets import batches
+from components.text.encoding import pad_id
 
 
 def test_predictions(student: Path, params) -> np.ndarray:

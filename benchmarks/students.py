@@ -52,6 +52,7 @@ from components.config import (
     stage_params,
     validate,
 )
+from components.config.secrets import redact
 from components.data.artifacts import (
     OUTPUTS_INDEX,
     TEACHER_FP32,
@@ -60,13 +61,16 @@ from components.data.artifacts import (
     load_split,
     load_windows,
 )
-from components.data.files import PARAMS_FILE, StageError, read_json, redact
+from components.data.files import PARAMS_FILE, read_json
 from components.distill import train as distill
 from components.evaluation.flops import encoder_flops
 from components.evaluation.stats import Bootstrap
 from components.models import student as student_io
 from components.models.runtimes import ort_session
-from components.text.batches import encode, pad_batch, pad_id
+from components.stage import StageError
+from components.text.batches import encode
+from components.text.datasets import pad_batch
+from components.text.encoding import pad_id
 
 # The grid varies one lever at a time around the default student (params.yaml: one layer of 128
 # reading 64 tokens, trained from scratch on the texts and their teacher-labelled windows; a

@@ -35,7 +35,8 @@ from components.config import (
     parse_override,
     teacher_layer_count,
 )
-from components.data.files import StageError, resolve_location
+from components.data.locations import resolve_location
+from components.stage import StageError
 
 
 def _overrides(items: list[str]) -> dict:

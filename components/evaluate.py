@@ -89,14 +89,7 @@ from components.data.artifacts import (
     load_label_names,
     load_split,
 )
-from components.data.files import (
-    StageError,
-    atomic_dir,
-    file_size,
-    read_json,
-    stage_main,
-    write_json,
-)
+from components.data.files import atomic_dir, file_size, read_json, write_json
 from components.evaluation import cascade
 from components.evaluation.flops import encoder_flops
 from components.evaluation.stats import Bootstrap, timing_summary, versus
@@ -114,6 +107,7 @@ from components.models.teacher import load_saved
 from components.reporting import plots as report
 from components.reporting import tracking
 from components.serving.bundle import Graph, Predictor
+from components.stage import StageError, stage_main
 from components.text.encoding import pin_tokenizer_threads
 
 PLOT_FILE = "plots/systems.json"

@@ -65,6 +65,7 @@ import torch
 
 from components.config import QUANTIZABLE_OPS, Params, StaticInt8
 from components.data.artifacts import (
+    BATCH_ROWS,
     STUDENT_FP32,
     STUDENT_INT8,
     STUDENT_PREPROCESSING,
@@ -78,14 +79,16 @@ from components.data.artifacts import (
     iter_split_texts,
     load_split,
 )
-from components.data.files import StageError, atomic_dir, file_size, reading, stage_main, write_json
+from components.data.files import atomic_dir, file_size, reading, write_json
 from components.exporting.trt import engines, graphs
 from components.models import student as student_io
 from components.models.runtimes import TextEncoder, ort_session
 from components.models.teacher import load_saved
 from components.serving.bundle import preprocessing
-from components.text.batches import batches, encode, pad_batch, pad_id
-from components.text.encoding import INPUTS, OUTPUTS
+from components.stage import StageError, stage_main
+from components.text.batches import encode
+from components.text.datasets import batches, pad_batch
+from components.text.encoding import INPUTS, OUTPUTS, pad_id
 
 
 class ParityError(StageError):
@@ -201,7 +204,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
 def split_head(params: Params, split: str, n: int) -> list[str]:
     """The first `n` texts of a prepared split, read only as far as needed."""
     texts: list[str] = []
-    for batch in iter_split_texts(params.paths, split, batch_rows=max(1, min(n, 8192))):
+    for batch in iter_split_texts(params.paths, split, batch_rows=max(1, min(n, BATCH_ROWS))):
         texts += batch[: n - len(texts)]
         if len(texts) >= n:
             break

@@ -47,9 +47,11 @@ from components.data.artifacts import (
     split_path,
     write_outputs_index,
 )
-from components.data.files import StageError, atomic_dir, stage_main, write_json
+from components.data.files import atomic_dir, write_json
 from components.models.teacher import load_saved
-from components.text.batches import pad_id, text_windows
+from components.stage import StageError, stage_main
+from components.text.batches import text_windows
+from components.text.encoding import pad_id
 from components.training.teacher_outputs import Source, cache_outputs
 
 WINDOWS_SCHEMA = pa.schema([("text", pa.string()), ("source", pa.int64()),

@@ -79,27 +79,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.config import Params, Prepare
-from components.data.artifacts import SPLITS, SplitWriter, write_prepared
-from components.data.files import StageError, atomic_dir, cut_at_word, stage_main
+from components.data.artifacts import BATCH_ROWS, SPLITS, SplitWriter, write_prepared
+from components.data.cleaning import clean_unicode, cut_at_word, text_problem
+from components.data.files import atomic_dir
+from components.data.readers import READ_BUFFER, stream_source
 from components.data.rows import (
     EXAMPLES_PER_REASON,
     FOLDER_SKIP_REASONS,
-    READ_BUFFER,
     Reader,
     Row,
     Rows,
-    clean_unicode,
     describe_drops,
-    stream_source,
-    text_problem,
 )
+from components.stage import StageError, stage_main
 
 __all__ = ["BAD_ROW_REASONS", "BATCH_ROWS", "FOLDER_SKIP_REASONS", "clean_row", "label_name",
            "run"]
 
-# Rows read, cleaned and spilled at a time, read back at a time, and written per row group of a
-# split: with the per-row arrays (a few dozen bytes a row), what bounds the stage's memory.
-BATCH_ROWS = 10_000
 
 # A kept text is "far longer than the rest" above both (see the module docstring).
 OUTLIER_RATIO = 20

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from components.config import Params
+from components.config.secrets import redact
 from components.data.artifacts import (
     STUDENT_FP32,
     STUDENT_INT8,
@@ -43,7 +44,7 @@ from components.data.artifacts import (
     load_results,
     load_source_manifest,
 )
-from components.data.files import StageError, atomic_dir, redact, stage_main, write_json
+from components.data.files import atomic_dir, write_json
 from components.reporting import plots as report
 from components.reporting import tracking
 from components.serving.bundle import (
@@ -60,6 +61,7 @@ from components.serving.bundle import (
     file_entries,
     side,
 )
+from components.stage import StageError, stage_main
 
 # Export file of each shippable system, and the export files beside each side's graphs.
 EXPORTED = {"student_onnx": STUDENT_FP32, "student_onnx_int8": STUDENT_INT8,

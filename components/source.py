@@ -30,17 +30,15 @@ import json
 from pathlib import Path, PurePosixPath
 
 from components.config import Params
-from components.data.files import (
+from components.data.files import atomic_write_bytes, describe
+from components.data.locations import (
     RemoteWaits,
-    StageError,
-    atomic_write_bytes,
-    describe,
     remote_options,
     remote_problem,
     resolve_location,
-    stage_main,
     walk_local,
 )
+from components.stage import StageError, stage_main
 
 # fsspec info keys that name an object's version or content (S3, GCS, Azure, HTTP, others).
 # Modification times are not among them: a second's resolution misses a quick rewrite of the

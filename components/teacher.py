@@ -20,10 +20,13 @@ from pathlib import Path
 
 from components.config import Params
 from components.data.artifacts import iter_split_texts, load_label_names, load_split_labels
-from components.data.files import StageError, atomic_dir, stage_main, write_json
+from components.data.files import atomic_dir, write_json
 from components.models.hub import load_tokenizer, loading, model_path
 from components.models.teacher import predict_outputs, with_head
-from components.text.batches import EncodedDataset, TextDataModule, encode_batches, pad_id
+from components.stage import StageError, stage_main
+from components.text.batches import encode_batches
+from components.text.datasets import EncodedDataset, TextDataModule
+from components.text.encoding import pad_id
 from components.training.fit import ClassifierModule, configure_torch, cross_entropy, fit
 
 

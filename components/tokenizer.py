@@ -45,14 +45,16 @@ from tokenizers import (
 from components.config import SPECIAL_TOKENS, Params
 from components.config import Tokenizer as TokenizerConfig
 from components.data.artifacts import TOKENIZER_FILE, iter_split_texts, load_split_labels
-from components.data.files import atomic_dir, cut_at_word, stage_main, write_json
+from components.data.cleaning import cut_at_word
+from components.data.files import atomic_dir, write_json
 from components.models.hub import load_backend_tokenizer
 from components.reporting.plots import markdown_table
+from components.stage import stage_main
+from components.text.batches import ENCODE_BATCH
 from components.text.encoding import configured
 
 PAD, UNK, CLS, SEP = SPECIAL_TOKENS[:4]
 CURVE_FILE = "curve.json"  # DVC plot data: vocabulary size vs text covered, and the teacher
-ENCODE_BATCH = 2048  # texts encoded per call: their Encodings (ids, offsets, strings) live at once
 TRAIN_CHARS_PER_TOKEN = 512  # training texts are cut to this many characters per max_length token
 
 # Texts as a list, or as a function that streams them in batches (a split read from Parquet

@@ -40,7 +40,9 @@ from components import label, prepare, teacher, tokenizer
 from components.config import Paths, apply_overrides, validate
 from components.data.artifacts import load_split, load_teacher_outputs
 from components.models.student import load
-from components.text.batches import batches, encode, pad_id
+from components.text.batches import encode
+from components.text.datasets import batches
+from components.text.encoding import pad_id
 from tests.conftest import ROOT, tiny_raw_params
 
 pytestmark = pytest.mark.slow

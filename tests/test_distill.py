@@ -2,7 +2,7 @@ import torch
 
 from components.models.losses import DistillationLoss, kd_kl
 from components.models.student import Student, StudentConfig, load, save
-from components.text.batches import pad_batch
+from components.text.datasets import pad_batch
 
 
 def tiny_student(**kw):
@@ -108,7 +108,7 @@ def test_unusable_lightning_strategy_is_a_clear_stage_error(tmp_path, dataset_cs
     import pytest
 
     from components.config import validate
-    from components.data.files import StageError
+    from components.stage import StageError
     from components.training.fit import ClassifierModule, cross_entropy, fit
     from tests.conftest import tiny_raw_params
 

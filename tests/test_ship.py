@@ -16,12 +16,12 @@ import yaml
 
 from components.cli import main as cli
 from components.data.artifacts import STUDENT_INT8, STUDENT_STATIC_INT8, load_quality, load_split
-from components.data.files import StageError
 from components.evaluation import cascade
 from components.models import student as student_io
 from components.models.runtimes import TextEncoder, onnx_runner, ort_session
 from components.serving.bundle import BundleError, load_bundle, verify
 from components.serving.predict import predict_file, write_triton
+from components.stage import StageError
 
 pytestmark = pytest.mark.slow
 

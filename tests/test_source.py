@@ -14,7 +14,7 @@ import pytest
 
 from components import source
 from components.config import validate
-from components.data.files import StageError
+from components.stage import StageError
 from tests.conftest import tiny_raw_params
 
 

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from components.data.files import StageError
 from components.models.student import (
     CONFIG_FILE,
     Student,
@@ -22,7 +21,8 @@ from components.models.student import (
     save,
     spread_layers,
 )
-from components.text.batches import pad_batch
+from components.stage import StageError
+from components.text.datasets import pad_batch
 from components.text.encoding import INPUTS, OUTPUTS
 
 TOL = dict(atol=1e-5, rtol=0)

@@ -17,11 +17,12 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from components.config import TensorRT, validate
-from components.data.files import StageError, read_json, write_json
+from components.data.files import read_json, write_json
 from components.evaluate import evaluate_runners
 from components.export import calibration_batches, export_engines, export_onnx
 from components.exporting.trt import engines, graphs
-from components.text.batches import pad_batch
+from components.stage import StageError
+from components.text.datasets import pad_batch
 from tests.conftest import tiny_raw_params
 from tests.test_distill import tiny_student
 

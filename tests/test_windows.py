@@ -10,10 +10,11 @@ import pytest
 from components import label
 from components.config import apply_overrides, validate
 from components.data.artifacts import load_split, load_teacher_outputs, load_windows
-from components.data.files import StageError
 from components.distill import train as distill
 from components.models.teacher import load_saved, predict_outputs
-from components.text.batches import encode, pad_id, text_windows
+from components.stage import StageError
+from components.text.batches import encode, text_windows
+from components.text.encoding import pad_id
 
 
 def test_windows_follow_words_stride_and_cap():

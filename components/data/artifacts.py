@@ -37,7 +37,8 @@ import numpy as np
 import pandas as pd
 
 from components.config import Paths
-from components.data.files import StageError, read_json, reading, write_json
+from components.data.files import read_json, reading, write_json
+from components.stage import StageError
 
 if TYPE_CHECKING:  # annotations only; the stages that need these import them
     from tokenizers import Tokenizer
@@ -175,7 +176,10 @@ def load_split(paths: Paths, split: str) -> pd.DataFrame:
     return df
 
 
-BATCH_ROWS = 8192  # rows per batch when a Parquet file is streamed
+# Rows per batch when a table is streamed in or out (a source read, a prepared split written or
+# read): what memory holds besides one row. A prepared split gets one Parquet row group per
+# BATCH_ROWS rows, so the value is part of what prepare writes.
+BATCH_ROWS = 10_000
 
 
 def parquet_rows(path: Path, what: str, fix: str = _DAMAGED) -> int:

@@ -36,7 +36,7 @@ from components.data.artifacts import (
     read_labels,
     windows_path,
 )
-from components.data.files import StageError, atomic_dir, reading, stage_main, write_json
+from components.data.files import atomic_dir, reading, write_json
 from components.models.losses import DistillationLoss, FeatureDistillationLoss
 from components.models.student import (
     Student,
@@ -45,14 +45,10 @@ from components.models.student import (
     save,
     spread_layers,
 )
-from components.text.batches import (
-    EncodedDataset,
-    Stacked,
-    TextDataModule,
-    TokenIds,
-    encode_batches,
-    pad_id,
-)
+from components.stage import StageError, stage_main
+from components.text.batches import Stacked, TokenIds, encode_batches
+from components.text.datasets import EncodedDataset, TextDataModule
+from components.text.encoding import pad_id
 from components.training.fit import ClassifierModule, configure_torch, fit
 
 

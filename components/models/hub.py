@@ -11,7 +11,8 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from components.data.files import StageError, resolve_location
+from components.data.locations import resolve_location
+from components.stage import StageError
 
 
 def model_path(ref: str) -> str:

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components.data.files import StageError
-from components.text.batches import pad_batch
+from components.stage import StageError
+from components.text.datasets import pad_batch
 from components.text.encoding import OUTPUTS, Encoder, session_options
 
 Runner = Callable[[torch.Tensor, torch.Tensor], np.ndarray]

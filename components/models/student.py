@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from components.config import merge_min_tokens
-from components.data.files import StageError
+from components.stage import StageError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

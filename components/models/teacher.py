@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from components.data.files import StageError
 from components.models.hub import loading
+from components.stage import StageError
 
 
 class HFClassifier(nn.Module):
@@ -41,7 +41,7 @@ def predict_outputs(model: HFClassifier, ids: list[list[int]], batch_size: int, 
     order; `progress` names a progress bar (None: silent)."""
     from tqdm.auto import tqdm
 
-    from components.text.batches import batches
+    from components.text.datasets import batches
 
     model.eval()
     logits, layers = [], []

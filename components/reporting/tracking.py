@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from components.config import Params
-from components.data.files import redact
+from components.config.secrets import redact
 
 
 def wandb_mode(params: Params) -> str:

@@ -42,8 +42,9 @@ from typing import Any
 import numpy as np
 from scipy.special import softmax as scipy_softmax
 
-from components.data.files import StageError, read_json
+from components.data.files import read_json
 from components.evaluation import cascade as rule
+from components.stage import StageError
 from components.text.encoding import (
     INPUTS,
     OUTPUTS,

@@ -31,9 +31,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from components.data.files import StageError, atomic_dir
-from components.data.rows import Reader, Rows, describe_drops, stream_source, text_problem
+from components.data.cleaning import text_problem
+from components.data.files import atomic_dir
+from components.data.readers import stream_source
+from components.data.rows import Reader, Rows, describe_drops
 from components.serving.bundle import LABELS, MODEL_FILES, Bundle, BundleError
+from components.stage import StageError
 
 # The row problems prepare also counts (components.data.rows); any of them with on_bad_rows=error
 # stops the run.

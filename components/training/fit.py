@@ -31,8 +31,8 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import nn
 
 from components.config import Params
-from components.data.files import StageError
 from components.reporting import tracking
+from components.stage import StageError
 from components.text.batches import chunks
 
 

@@ -39,8 +39,8 @@ from components.data.artifacts import (
     outputs_files,
     parquet_rows,
 )
-from components.data.files import StageError
-from components.text.batches import pad_batch
+from components.stage import StageError
+from components.text.datasets import pad_batch
 from components.text.encoding import Encoder
 from components.training.fit import leave_process_group, lightning_trainer
 

@@ -13,7 +13,7 @@ import pytest
 from components import evaluate, label, prepare
 from components.config import validate
 from components.data import artifacts
-from components.data.files import StageError
+from components.stage import StageError
 from tests.conftest import make_examples, tiny_raw_params
 from tests.reliability.conftest import leftovers, run_stage_cli, snapshot
 

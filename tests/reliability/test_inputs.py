@@ -16,7 +16,8 @@ from components import prepare, tokenizer
 from components.cli import main as still
 from components.config import ParamsError, load_params, validate
 from components.data import artifacts
-from components.data.files import StageError, atomic_dir
+from components.data.files import atomic_dir
+from components.stage import StageError
 from tests.conftest import ROOT, make_examples, tiny_raw_params
 from tests.reliability.conftest import leftovers, run_stage_cli, snapshot
 

@@ -13,9 +13,9 @@ import torch
 from components import evaluate, export, prepare, teacher
 from components.config import validate
 from components.data.artifacts import TOKENIZER_FILE
-from components.data.files import StageError
 from components.exporting.trt import engines
 from components.models.student import Student, StudentConfig, save
+from components.stage import StageError
 from components.tokenizer import train
 from tests.conftest import make_examples, tiny_raw_params
 from tests.reliability.conftest import leftovers, snapshot

@@ -26,7 +26,7 @@ from components import prepare
 from components.cli import main as still
 from components.config import ParamsError, Prepare, validate
 from components.data import artifacts
-from components.data.files import StageError
+from components.stage import StageError
 from tests.conftest import ROOT, make_examples, tiny_raw_params
 from tests.reliability.conftest import leftovers, snapshot
 

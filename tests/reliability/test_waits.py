@@ -17,7 +17,7 @@ import pytest
 from components import prepare, source
 from components.config import validate
 from components.data import files as common
-from components.data.files import StageError
+from components.stage import StageError
 from tests.conftest import make_examples, tiny_raw_params
 
 GOOD = make_examples(per_class=8, seed=3).drop_duplicates("text").reset_index(drop=True)

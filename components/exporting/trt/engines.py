@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from components.config import TensorRT
-from components.data.files import StageError, atomic_write_bytes, file_size, write_json
+from components.data.files import atomic_write_bytes, file_size, write_json
 from components.exporting.trt.graphs import (
     INPUT_NAMES,
     OUTPUT_NAME,
@@ -43,6 +43,7 @@ from components.exporting.trt.graphs import (
     profile_shapes,
     reference_logits,
 )
+from components.stage import StageError
 
 INSTALL_HINT = "pip install 'still[trt]'"
 SUPPORTED_MAJOR = 10

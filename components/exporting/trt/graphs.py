@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from components.config import TensorRT
-from components.data.files import StageError
+from components.stage import StageError
 from components.text.encoding import INPUTS, OUTPUTS
 
 ENGINE_DIR = "tensorrt"

@@ -5,26 +5,20 @@
 message names each offending key, so a user fixes params.yaml in one pass.
 """
 
+
 from __future__ import annotations
 
-import copy
-import json
-import os
-from pathlib import Path
 from typing import Any, Literal, get_args
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-DEFAULT_PARAMS = Path("params.yaml")
 # The smallest prepare.max_chars: a few pages of text, more than any model here reads of a text
 # (its max_length tokens, or the distill windows' first few hundred words).
 MIN_MAX_CHARS = 10_000
@@ -37,13 +31,6 @@ LightningPrecision = Literal[
     "transformer-engine", "transformer-engine-float16",
     16, 32, 64, "16", "32", "64", "bf16",
 ]
-# Top-level entries of this project's code folder that an output location built in code (tests,
-# notebooks) must never be or sit in: every stage replaces its whole output folder
-# (components/data/files.py atomic_dir).
-PROTECTED_ENTRIES = ("components", "flows", "tests", "infra", "benchmarks", ".git", ".dvc",
-                     "params.yaml", "dvc.yaml", "dvc.lock", "pyproject.toml")
-# The folder holding this code (components/ and its siblings).
-CODE_ROOT = Path(__file__).resolve().parents[1]
 
 
 class ParamsError(ValueError):
@@ -106,24 +93,6 @@ class Paths(_Section):
     results: str = "results"
     bundle: str = "artifacts/bundle"  # ship: what a user deploys (rebuilt on every repro)
     wandb: str = "artifacts/wandb"  # W&B run files (offline runs sync later)
-
-
-# The stage that writes each location, replacing it whole (DVC deletes the DVC outputs among
-# them before that stage runs). `wandb` is only ever added to.
-WRITTEN_BY = {"source_version": "source", "data": "prepare", "tokenizer": "tokenizer",
-              "teacher": "teacher", "teacher_outputs": "label", "student": "distill",
-              "export": "export", "evaluate": "evaluate", "results": "evaluate",
-              "bundle": "ship"}
-# Written whole by their stage, but not DVC outputs: results/ holds timings (git-tracked, out of
-# dvc.lock), the bundle its run's commit (rebuilt on every repro).
-NOT_DVC_OUTPUTS = ("results", "bundle")
-# A symlinked artifacts/ does not work: DVC refuses an output whose real path is outside the
-# git repository. DVC's cache on the other disk with symlinked files does (checked with DVC
-# 3.67).
-PATHS_REFUSED = ("output locations are fixed in dvc.yaml (data/source.json, data/prepared, "
-                 "artifacts/<stage>, results), so that no params value decides what DVC deletes "
-                 "before a stage runs; remove this section (to keep outputs on a bigger disk, "
-                 "put DVC's cache there: dvc cache dir PATH; dvc config cache.type symlink)")
 
 
 class Tracking(_Section):
@@ -550,260 +519,3 @@ class Params(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
-
-
-# The params each stage declares in dvc.yaml (tests/test_contract.py keeps the two equal). The
-# params.json beside a stage's output holds exactly these, so a change to another stage's params
-# never changes this output's hash (and never reruns the stages downstream of it).
-STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    "source": ("prepare.source",),
-    "prepare": ("seed", "prepare"),
-    "tokenizer": ("tokenizer", "teacher.model", "distill.max_length"),
-    "teacher": ("seed", "trainer", "teacher"),
-    # Not trainer.devices/strategy/num_nodes: the cache is the same on any number of processes
-    # (components.training.teacher_outputs), so scaling the caching out does not invalidate it.
-    "label": ("trainer.num_threads", "trainer.precision", "teacher.max_length",
-              "teacher.eval_batch_size", "distill.windows"),
-    "distill": ("seed", "trainer", "distill"),
-    "export": ("export", "distill.max_length", "teacher.max_length"),
-    "evaluate": ("seed", "evaluate", "teacher.max_length", "distill.max_length"),
-    "ship": ("ship", "evaluate.cascade", "evaluate.throughput_batch_size", "prepare.source",
-             "teacher.model", "teacher.max_length", "distill"),
-}
-
-
-def stage_params(params: Params, stage: str) -> dict[str, Any]:
-    """The part of `params` that `stage` declares (STAGE_PARAMS), nested as in params.yaml."""
-    full, out = params.to_dict(), {}
-    for dotted in STAGE_PARAMS[stage]:
-        src, dst, parts = full, out, dotted.split(".")
-        for part in parts[:-1]:
-            src, dst = src[part], dst.setdefault(part, {})
-        dst[parts[-1]] = src[parts[-1]]
-    return out
-
-
-def teacher_layer_count(folder: str | Path) -> int | None:
-    """Transformer layers of the Hugging Face model in `folder` (its config.json), or None when
-    the folder holds no readable config (a hub id, a teacher not trained yet)."""
-    try:
-        config = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):  # BERT-likes, GPT-2, T5
-        if isinstance(config.get(key), int):
-            return config[key]
-    return None
-
-
-def layer_map_problem(layer_map: dict[int, int], teacher_layers: int, teacher: str) -> str | None:
-    """`distill.feature.layer_map` values index the teacher's hidden states: 0 is the embedding
-    output, 1..teacher_layers its transformer layers."""
-    bad = sorted({t for t in layer_map.values() if not 0 <= t <= teacher_layers})
-    if not bad:
-        return None
-    return (f"distill.feature.layer_map: teacher layers {bad} outside 0..{teacher_layers} "
-            f"(the teacher in {teacher} has {teacher_layers} layers; 0 = embeddings)")
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """Parse `key.sub=value`; the value is read as YAML so `3`, `true`, `1e-3` get their types."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise ParamsError(f"override {item!r} is not of the form key.sub=value")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
-
-
-def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Return a copy of `raw` with dotted-key overrides applied (new keys are kept, then rejected
-    by validation if unknown, so a typo in an override is reported like a typo in the file)."""
-    out = copy.deepcopy(raw)
-    for dotted, value in overrides.items():
-        node = out
-        parts = dotted.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ParamsError(f"override {dotted!r}: {part!r} is not a section")
-        node[parts[-1]] = value
-    return out
-
-
-def format_errors(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (typo? see params.yaml for the accepted keys)"
-        if e["type"] == "missing":
-            lines.append(f"  - {key}: required key is missing")
-        elif isinstance(e.get("input"), dict | list):  # a section-level check: no dump
-            lines.append(f"  - {key}: {msg}")
-        else:
-            lines.append(f"  - {key}: {msg} (got {e.get('input')!r})")
-    return "\n".join(lines)
-
-
-def path_problems(paths: Any, base: Path | None = None) -> list[str]:
-    """`checked_paths`' problems."""
-    return checked_paths(paths, base)[0]
-
-
-def checked_paths(paths: Any, base: Path | None = None) -> tuple[list[str], dict[str, Path]]:
-    """Every output location given in code (`validate(raw)` with a `paths` mapping: tests,
-    notebooks) that a stage could not safely replace, as `paths.x: why (got ...)`.
-
-    Each stage swaps its whole output folder for a new one, so an entry must not be empty, be
-    or hold the working folder `base` (default: the current one, which relative entries are
-    read from) or this project's code folder (`CODE_ROOT`), sit inside one of the code
-    folder's source or control entries (PROTECTED_ENTRIES), or be equal to, inside or around
-    another entry (one stage would delete another's output). params.yaml cannot set these at
-    all (`load_params`), so they are checked only here. Returns the problems and the entries
-    without one, resolved.
-    """
-    if not isinstance(paths, dict):
-        return [], {}  # a mistyped section is reported by pydantic
-    problems, resolved = [], {}
-    # Lexical, like the stage's own rename of that path: `..` is folded, symlinks are kept (the
-    # rename replaces a link, not its target).
-    base = Path(os.path.abspath(base or Path.cwd()))
-    for key in Paths.model_fields:
-        value = paths.get(key)
-        if not isinstance(value, str):
-            continue
-        name, got = f"paths.{key}", f"(got {value!r})"
-        if not value.strip():
-            problems.append(f"{name}: is empty: the stage would replace the working folder "
-                            f"with its output; name a folder {got}")
-            continue
-        where = Path(os.path.normpath(base / value))
-        for around, what in ((base, "the working folder"), (CODE_ROOT, "this project's code")):
-            if around.is_relative_to(where):
-                problems.append(f"{name}: is or holds {what} ({around}); the stage replaces "
-                                f"its output folder and would delete it {got}")
-                break
-        else:
-            if where.is_relative_to(CODE_ROOT):
-                top = where.relative_to(CODE_ROOT).parts[0]
-                if top in PROTECTED_ENTRIES:
-                    problems.append(f"{name}: is inside {CODE_ROOT / top}, one of the "
-                                    f"project's source or control entries; the stage "
-                                    f"replaces its output folder and would delete it {got}")
-                    continue
-            resolved[key] = where
-    keys = list(resolved)
-    for i, key in enumerate(keys):
-        same = [k for k in keys[:i] if resolved[k] == resolved[key]]
-        inner = [k for k in keys if resolved[k] != resolved[key]
-                 and resolved[k].is_relative_to(resolved[key])]
-        if same:
-            problems.append(f"paths.{key}: is the same folder as "
-                            + ", ".join(f"paths.{k}" for k in same)
-                            + f"; one stage would replace the other's output "
-                            f"(got {paths[key]!r})")
-        if inner:
-            problems.append(f"paths.{key}: contains "
-                            + ", ".join(f"paths.{k} ({paths[k]!r})" for k in inner)
-                            + f"; the stage writing paths.{key} replaces the whole folder and "
-                            f"would delete them (got {paths[key]!r})")
-    return problems, resolved
-
-
-def _local_input(value: Any) -> str | None:
-    """The local path an input location names (`file://` stripped), or None for a URI, a
-    `pkg:` or `hf:` location, or a value of the wrong type (pydantic reports that)."""
-    if not isinstance(value, str) or not value.strip():
-        return None
-    if value.startswith("file://"):
-        return value.removeprefix("file://")
-    if value.startswith(("pkg:", "hf:")) or "://" in value:
-        return None
-    return value
-
-
-def input_problems(raw: dict[str, Any], paths: dict[str, str], base: Path) -> list[str]:
-    """A local `prepare.source` or `teacher.model` inside a stage's output folder, as
-    `key: why (got ...)`. DVC deletes a stage's outputs before it runs the stage, and the
-    stage then replaces its folder whole: such an input would be gone before its reader runs.
-    Relative locations are read from `base` (the project folder); compared both as written
-    (`..` folded) and with symlinks resolved, so a link into an output folder is caught too.
-    """
-    def forms(path: Path) -> set[Path]:
-        return {Path(os.path.normpath(path)), Path(os.path.realpath(path))}
-
-    outputs = [(key, value, forms(base / value)) for key, value in paths.items()
-               if key in WRITTEN_BY and isinstance(value, str) and value.strip()]
-    problems = []
-    for section, field in (("prepare", "source"), ("teacher", "model")):
-        value = (raw.get(section) or {}).get(field) if isinstance(raw.get(section), dict) \
-            else None
-        local = _local_input(value)
-        if local is None:
-            continue
-        where = forms(base / local)
-        for key, out, out_forms in outputs:
-            if any(w.is_relative_to(o) for w in where for o in out_forms):
-                stage = WRITTEN_BY[key]
-                how = (f"which {stage} replaces whole on every run" if key in NOT_DVC_OUTPUTS
-                       else f"which DVC deletes before {stage} runs")
-                problems.append(
-                    f"{section}.{field}: is inside {out}, the output of stage {stage}, {how}: "
-                    f"it would be gone before it is read; move it outside the stage outputs "
-                    f"(e.g. to data-raw/ or models/) (got {value!r})")
-                break
-    return problems
-
-
-def validate(raw: dict[str, Any], origin: str = "params", root: Path | None = None) -> Params:
-    """Validate raw params; every problem in one ParamsError, each naming its key.
-
-    With `root` (the project folder: `load_params` reading its params.yaml), `raw` may not
-    hold `paths` (output locations are fixed in dvc.yaml, see `Paths`) and local inputs are
-    read from `root`. Without it (params built in code: tests, notebooks), `paths` may point
-    at other folders, checked by `path_problems`, and inputs are read from the working folder.
-    Either way no input may sit inside an output folder (`input_problems`).
-    """
-    lines: list[str] = []
-    n = 0
-    given_paths = raw.get("paths")
-    if root is not None and "paths" in raw:
-        raw = {k: v for k, v in raw.items() if k != "paths"}
-        lines.append(f"  - paths: {PATHS_REFUSED} (got {given_paths!r})")
-        n += 1
-    params = None
-    try:
-        params = Params.model_validate(raw)
-    except ValidationError as err:
-        n, lines = n + len(err.errors()), lines + [format_errors(err)]
-    outputs = Paths().model_dump()
-    problems = []
-    if root is None:  # built in code: inputs are checked against the locations that passed
-        problems, accepted = checked_paths(given_paths)
-        if isinstance(given_paths, dict):
-            outputs = {k: v for k, v in {**outputs, **given_paths}.items()
-                       if k not in given_paths or k in accepted}
-    problems += input_problems(raw, outputs, Path(os.path.abspath(root or Path.cwd())))
-    n += len(problems)
-    lines += [f"  - {p}" for p in problems]
-    if n:
-        raise ParamsError(f"{origin} has {n} problem(s):\n" + "\n".join(lines))
-    return params
-
-
-def load_params(
-    path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None
-) -> Params:
-    """Read, override and validate params.yaml (`validate` with the file's folder as the
-    project root: a `paths` section, or a `paths.x` override, is refused)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"{path} not found (run from the project root or pass --params)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{path} must hold a mapping at the top level")
-    return validate(apply_overrides(raw, overrides or {}), origin=str(path),
-                    root=path.resolve().parent)

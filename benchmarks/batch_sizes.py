@@ -15,7 +15,7 @@ import torch
 
 from components.config import load_params
 from components.data.artifacts import load_split
-from components.evaluate import build_systems
+from components.evaluation.systems import build_systems
 
 
 def main() -> None:

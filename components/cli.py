@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"still {args.command}: {err}", file=sys.stderr)
             return 2
     if args.command == "report":
-        from components.reporting.plots import write_experiments_report
+        from components.reporting.experiments import write_experiments_report
 
         try:
             path = write_experiments_report(args.repo, args.out, args.system, args.all_commits)

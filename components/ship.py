@@ -45,8 +45,10 @@ from components.data.artifacts import (
     load_source_manifest,
 )
 from components.data.files import atomic_dir, write_json
-from components.reporting import plots as report
 from components.reporting import tracking
+from components.reporting.pages import html_page
+from components.reporting.plots import PARETO_PNG as RESULTS_PARETO_PNG
+from components.reporting.tables import markdown_table
 from components.serving.bundle import (
     CARD,
     CARD_HTML,
@@ -267,7 +269,7 @@ def model_card(params: Params, quality: dict, results: dict | None, speed_note: 
             "vs best teacher": _num(ratio, ".2f") + ("x" if ratio else ""),
             "p50 latency ms": _num(r.get("latency_p50_ms"), ".2f"),
         })
-    lines += [report.markdown_table(rows), ""]
+    lines += [markdown_table(rows), ""]
     if results:
         lines += [f"Speed: end to end (text in, logits out) at batch "
                   f"{params.evaluate.throughput_batch_size}, median of "
@@ -379,11 +381,11 @@ def run(params: Params) -> dict:
         write_json(out / LABELS, {"labels": labels})
         if policy:
             write_json(out / CASCADE, policy)
-        pareto = Path(params.paths.results) / report.PARETO_PNG
+        pareto = Path(params.paths.results) / RESULTS_PARETO_PNG
         if results and pareto.is_file():
             shutil.copyfile(pareto, out / PARETO_PNG)
         (out / CARD).write_text(card)
-        report.html_page(card, out / CARD_HTML, "still-student model card")
+        html_page(card, out / CARD_HTML, "still-student model card")
         files = file_entries(out)
         manifest = {
             "format": FORMAT, "name": "still-student", "model": model,

@@ -74,7 +74,7 @@ def _results(**systems) -> dict:
 
 
 def test_the_choice_follows_validation_not_test():
-    from components.evaluate import best_of
+    from components.evaluation.selection import best_of
 
     # fast is within noise of the best on validation but poor on test: validation decides.
     results = _results(slow=(0.95, 0.92, 0.90, 100.0), fast=(0.93, 0.90, 0.70, 900.0))
@@ -90,15 +90,18 @@ def test_a_system_slowed_on_purpose_loses_the_headline(trained_pipeline):
     """Time two real ONNX Runtime students that predict the same (FP32 and the same graph
     again), one of them made slower by a sleep inside each model call: the timing must see it,
     and the choice must go to the other; then the other way round."""
-    from components import evaluate
     from components.config import apply_overrides, validate
+    from components.data.artifacts import load_split
+    from components.evaluation.selection import best_of
+    from components.evaluation.systems import build_systems, predict_split
+    from components.evaluation.timing import measure_time
 
     params, _ = trained_pipeline
     params = validate(apply_overrides(params.to_dict(), {"evaluate.repeats": 5,
                                                          "evaluate.latency_examples": 3}))
-    systems = {s.name: s for s in evaluate.build_systems(params)[0]}
+    systems = {s.name: s for s in build_systems(params)[0]}
     base = systems["student_onnx"]
-    texts = evaluate.load_split(params.paths, "test")["text"].tolist()[:48]
+    texts = load_split(params.paths, "test")["text"].tolist()[:48]
 
     def slowed(system, seconds):
         def run(ids, mask):
@@ -109,15 +112,15 @@ def test_a_system_slowed_on_purpose_loses_the_headline(trained_pipeline):
     for slow in ("a", "b"):
         twins = [dataclasses.replace(base, name=name, run=base.run) if name != slow
                  else dataclasses.replace(slowed(base, 0.01), name=name) for name in "ab"]
-        logits = evaluate.predict_split(twins, texts, params.evaluate.throughput_batch_size)
+        logits = predict_split(twins, texts, params.evaluate.throughput_batch_size)
         assert np.array_equal(logits["a"], logits["b"])
-        timings, _ = evaluate.measure_time(twins, texts, params, progress=False)
+        timings, _ = measure_time(twins, texts, params, progress=False)
         assert timings[slow]["model_throughput_per_s"] < 0.7 * timings[
             "b" if slow == "a" else "a"]["model_throughput_per_s"]
         results = {name: {"side": "student", **timings[name],
                           "validation": {"accuracy": 0.9, "accuracy_ci": [0.85, 0.95]}}
                    for name in "ab"}
-        assert evaluate.best_of(results, "student") == ("b" if slow == "a" else "a")
+        assert best_of(results, "student") == ("b" if slow == "a" else "a")
 
 
 def test_the_deployed_path_is_timed_and_predicts_what_evaluate_scored(trained_pipeline):

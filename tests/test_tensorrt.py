@@ -18,7 +18,7 @@ from onnx import TensorProto, numpy_helper
 
 from components.config import TensorRT, validate
 from components.data.files import read_json, write_json
-from components.evaluate import evaluate_runners
+from components.evaluation.systems import tensorrt_runners
 from components.export import calibration_batches, export_engines, export_onnx
 from components.exporting.trt import engines, graphs
 from components.stage import StageError
@@ -166,18 +166,18 @@ def test_build_and_runner_refuse_clearly_without_tensorrt(tmp_path, tiny_onnx, u
 def test_evaluate_reports_why_there_are_no_engines(tmp_path, unavailable):
     params = params_with(tmp_path)
     export = tmp_path / "export"
-    systems, reason = evaluate_runners(params, export)
+    systems, reason = tensorrt_runners(params, export)
     assert systems == [] and "metrics.json not found" in reason
 
     write_json(export / "metrics.json", {"fp32": {}})
-    systems, reason = evaluate_runners(params, export)
+    systems, reason = tensorrt_runners(params, export)
     assert systems == [] and "dvc repro -f export" in reason
 
     write_json(export / "metrics.json", {"tensorrt": {"status": f"skipped ({NO_GPU})"}})
-    assert evaluate_runners(params, export) == ([], f"skipped ({NO_GPU})")
+    assert tensorrt_runners(params, export) == ([], f"skipped ({NO_GPU})")
 
     write_json(export / "metrics.json", {"tensorrt": {"status": "built", "fp16": {}}})
-    systems, reason = evaluate_runners(params, export)
+    systems, reason = tensorrt_runners(params, export)
     assert systems == [] and "engines exist but cannot run here" in reason and NO_GPU in reason
 
 
@@ -452,7 +452,7 @@ def test_export_engines_checks_parity_and_reports_each_precision(tmp_path, tiny_
     assert result["int8"]["calibration"] == "parity batches"
 
     write_json(tmp_path / "metrics.json", {"tensorrt": result})
-    runners, reason = evaluate_runners(params, tmp_path)
+    runners, reason = tensorrt_runners(params, tmp_path)
     assert reason is None
     assert [name for name, _, _ in runners] == ["student_trt_fp16", "student_trt_int8"]
     ids, mask = parity[0]

@@ -11,6 +11,7 @@ never reads it, so it cannot end up in a config.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,3 +69,90 @@ def best_effort(stage: str, kept: str) -> Iterator[None]:
 
             wandb.finish(exit_code=1)
         print(f"{stage}: warning: W&B logging failed ({type(err).__name__}: {err}); {kept}")
+
+
+
+def _flat(prefix: str, d: dict) -> dict:
+    """Numbers (and [low, high] intervals as _low/_high) of a nested dict, with `/` keys."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}/{k}"
+        if isinstance(v, bool):
+            out[key] = int(v)
+        elif isinstance(v, int | float):
+            out[key] = v
+        elif isinstance(v, list) and len(v) == 2 and all(isinstance(x, float) for x in v):
+            out[f"{key}_low"], out[f"{key}_high"] = v
+        elif isinstance(v, dict):
+            out.update(_flat(key, v))
+    return out
+
+
+def log_to_wandb(params: Params, metrics: dict, points: list[dict], casc: dict | None,
+                 out: Path, images: list[Path]) -> None:
+    """Tables, charts, summary numbers and the report files (as an artifact)."""
+    import wandb
+
+    run = start_run(params, "evaluate")
+    columns = [c for c in dict.fromkeys(k for p in points for k in p) if c != "accuracy_ci"]
+    columns += ["accuracy_ci_low", "accuracy_ci_high"]
+    rows = [[p.get(c) for c in columns[:-2]] + list(p["accuracy_ci"]) for p in points]
+    logged = {
+        "systems": wandb.Table(columns=columns, data=rows),
+        **{image.stem: wandb.Image(str(image)) for image in images},
+    }
+    per_class = metrics["best_student"]["per_class"]
+    logged["per_class_f1"] = wandb.Table(
+        columns=["class", "precision", "recall", "f1", "support"],
+        data=[[k, v["precision"], v["recall"], v["f1"], v["support"]]
+              for k, v in per_class.items()])
+    if casc:
+        cols = list(casc["points"][0])
+        table = wandb.Table(columns=cols, data=[[p[c] for c in cols] for p in casc["points"]])
+        logged["cascade"] = table
+        logged["cascade_accuracy_vs_cost"] = wandb.plot.line(
+            table, "expected_ms_per_example", "accuracy",
+            title="Cascade on test: accuracy vs expected ms/example")
+    run.log(logged)
+    summary = {}
+    for name, r in metrics["systems"].items():
+        summary.update(_flat(name, r))
+    summary.update(_flat("ratios", metrics["ratios"]))
+    summary.update(_flat("headline", metrics["headline"]))
+    if metrics.get("cascade", {}).get("chosen"):
+        summary.update(_flat("cascade", metrics["cascade"]["chosen"]))
+    run.summary.update(summary)
+    _log_artifacts(run, params, out, metrics)
+    run.finish()
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        h.update(f.relative_to(folder).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _log_artifacts(run, params: Params, out: Path, metrics: dict) -> None:
+    """The report files as a W&B artifact, with lineage to the data and tokenizer.
+
+    Online, the data and tokenizer folders are `use_artifact` inputs of this run (W&B draws the
+    graph). W&B refuses `use_artifact` offline, so there the inputs' content digests go into
+    the output artifacts' metadata instead (the same folders give the same digests)."""
+    import wandb
+
+    inputs = {}
+    for name, kind, folder in (("dataset", "dataset", params.paths.data),
+                               ("tokenizer", "tokenizer", params.paths.tokenizer)):
+        inputs[name] = _digest(Path(folder))
+        if wandb_mode(params) == "online":
+            art = wandb.Artifact(name, type=kind, metadata={"sha256": inputs[name]})
+            art.add_dir(str(folder))
+            run.use_artifact(art)
+    # The model itself is the ship stage's bundle, logged there as the `student` artifact.
+    evaluation = wandb.Artifact("evaluation", type="report",
+                                metadata={"inputs_sha256": inputs,
+                                          "tensorrt": metrics.get("tensorrt")})
+    evaluation.add_dir(str(out))
+    run.log_artifact(evaluation)

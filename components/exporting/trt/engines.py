@@ -6,7 +6,7 @@ Runtime.
 serialised engine), `<precision>.onnx` (the exact graph it was built from) and
 `<precision>.engine.json` (sidecar: TensorRT version, GPU, profiles, precision, layers pinned to
 FP32). The export stage builds and checks them (`export_engines`), the evaluate stage times them
-(`evaluate_runners`). The `tensorrt` package is imported only inside functions, so this module
+(`tensorrt_runners`). The `tensorrt` package is imported only inside functions, so this module
 imports on any machine; `availability()` says whether the engines can run here.
 
 - **FP16 with FP32 islands.** FP16 is known to overflow in LayerNorm (the variance of a

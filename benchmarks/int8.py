@@ -41,6 +41,7 @@ from components.data.artifacts import (
     load_split,
 )
 from components.evaluation.stats import Bootstrap
+from components.exporting.quantization import quantize_static_int8, static_calibration
 from components.models import student as student_io
 from components.models.runtimes import TextEncoder, ort_session
 from components.text.encoding import INPUTS
@@ -141,10 +142,10 @@ def main() -> None:
         for side, (encoder, (fp32, dynamic, static)) in sides.items():
             graphs = {"fp32": out / fp32, "dynamic": out / dynamic, "static": out / static}
             if args.variants:
-                calibration = export.static_calibration(params, encoder)
+                calibration = static_calibration(params, encoder)
                 for name, change in VARIANTS.items():
                     graphs[f"static {name}"] = out / f"{side}.{name}.onnx"
-                    info = export.quantize_static_int8(graphs["fp32"], graphs[f"static {name}"],
+                    info = quantize_static_int8(graphs["fp32"], graphs[f"static {name}"],
                                                        calibration, cfg.model_copy(update=change))
                     print(f"{side} static {name}: {info['quantized_ops']}")
             print(f"timing {side}: {len(graphs)} graphs x {args.rounds} rounds", flush=True)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from components.export import ParityError, check_parity, export_onnx
+from components.exporting.onnx_export import export_onnx
+from components.exporting.parity import ParityError, check_parity
 from components.models.runtimes import ort_session as session
 from components.stage import StageError
 from components.text.datasets import pad_batch
@@ -94,7 +95,7 @@ def test_merging_student_with_feature_kd_distills_exports_and_evaluates(trained_
 def test_ort_optimizer_option_keeps_parity(tmp_path):
     """export.ort_optimize: the fused graph still passes the parity check and INT8 export."""
     from components.config import Export
-    from components.export import export_model
+    from components.exporting.onnx_export import export_model
 
     torch.manual_seed(0)  # an untrained model: its argmax is arbitrary, so no agreement bound
     model = tiny_student()
@@ -207,7 +208,7 @@ def test_static_int8_options_change_the_graph(tmp_path):
     import onnx
 
     from components.config import StaticInt8
-    from components.export import quantize_static_int8
+    from components.exporting.quantization import quantize_static_int8
 
     torch.manual_seed(0)
     model = tiny_student()

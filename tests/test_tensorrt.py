@@ -19,8 +19,9 @@ from onnx import TensorProto, numpy_helper
 from components.config import TensorRT, validate
 from components.data.files import read_json, write_json
 from components.evaluation.systems import tensorrt_runners
-from components.export import calibration_batches, export_engines, export_onnx
+from components.exporting.onnx_export import export_onnx
 from components.exporting.trt import engines, graphs
+from components.exporting.trt.build import calibration_batches, export_engines
 from components.stage import StageError
 from components.text.datasets import pad_batch
 from tests.conftest import tiny_raw_params
@@ -268,11 +269,11 @@ def test_calibration_batches_come_from_train_shaped_for_the_profile(tmp_path, mo
 
     texts = make_examples(per_class=10)["text"].tolist()
 
-    def train_split(paths, split, batch_rows=8192):
+    def train_split(paths, split, batch_rows=10_000):
         assert split == "train" and paths == params.paths
         yield texts
 
-    monkeypatch.setattr("components.export.iter_split_texts", train_split)
+    monkeypatch.setattr("components.data.artifacts.iter_split_texts", train_split)
     tok = train(texts, "wordpiece", vocab_size=100, min_frequency=1)
     params = params_with(tmp_path, **{"export.tensorrt.calibration_batches": 3,
                                       "export.tensorrt.opt_batch": 4,

@@ -401,3 +401,17 @@ def load_prepare_report(paths: Paths) -> dict:
 def load_source_manifest(paths: Paths) -> dict | None:
     path = Path(paths.source_version)
     return read_json(path) if path.is_file() else None
+
+
+
+# --------------------------------------------------------------------------- static INT8
+
+
+def split_head(paths: Paths, split: str, n: int) -> list[str]:
+    """The first `n` texts of a prepared split, read only as far as needed."""
+    texts: list[str] = []
+    for batch in iter_split_texts(paths, split, batch_rows=max(1, min(n, BATCH_ROWS))):
+        texts += batch[: n - len(texts)]
+        if len(texts) >= n:
+            break
+    return texts

@@ -45,15 +45,11 @@ from components.stage import StageError, stage_main
 # same size, so an object with only a time is hashed instead.
 VERSION_KEYS = ("VersionId", "version_id", "generation", "ETag", "etag", "md5Hash",
                 "content_md5", "Content-MD5", "Digest", "checksum", "crc32c")
-_CHUNK = 1 << 20
 
 
 def _sha256(fh) -> str:
-    """sha256 of a binary stream, read in chunks (a large file never sits in memory)."""
-    h = hashlib.sha256()
-    while chunk := fh.read(_CHUNK):
-        h.update(chunk)
-    return h.hexdigest()
+    """sha256 of a binary stream (local or fsspec), read in chunks by `hashlib.file_digest`."""
+    return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _digest(entries: list[tuple[str, ...]]) -> str:

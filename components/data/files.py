@@ -6,6 +6,7 @@ file into one StageError naming it and the fix."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -159,3 +160,9 @@ def file_size(path: str | Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file, read in chunks (a large file never sits in memory)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()

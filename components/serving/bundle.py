@@ -32,7 +32,6 @@ Only ONNX Runtime, `tokenizers`, numpy and scipy are needed: no torch, no traini
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from typing import Any
 import numpy as np
 from scipy.special import softmax as scipy_softmax
 
-from components.data.files import read_json
+from components.data.files import read_json, sha256_file
 from components.evaluation import cascade as rule
 from components.stage import StageError
 from components.text.encoding import (
@@ -75,14 +74,6 @@ MODEL_FILES = {
 
 class BundleError(StageError):
     """A bundle that cannot be used as it is: missing, incomplete, tampered or not a bundle."""
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def file_entries(folder: str | Path) -> dict[str, dict[str, Any]]:

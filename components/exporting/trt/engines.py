@@ -26,14 +26,13 @@ imports on any machine; `availability()` says whether the engines can run here.
 from __future__ import annotations
 
 import functools
-import hashlib
 import time
 from pathlib import Path
 
 import numpy as np
 
 from components.config import TensorRT
-from components.data.files import atomic_write_bytes, file_size, write_json
+from components.data.files import atomic_write_bytes, file_size, sha256_file, write_json
 from components.exporting.trt.graphs import (
     INPUT_NAMES,
     OUTPUT_NAME,
@@ -117,10 +116,6 @@ def _pin_fp32(network) -> list[str]:
     return pinned
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str, cfg: TensorRT,
                  max_length: int,
                  calibration_batches: list[dict[str, np.ndarray]] | None = None,
@@ -180,8 +175,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str,
         "workspace_mb": cfg.workspace_mb,
         "fp32_layers": pinned,
         "onnx": graph_path.name,
-        "onnx_sha256": _sha256(graph_path),
-        "source_onnx_sha256": _sha256(Path(onnx_path)),
+        "onnx_sha256": sha256_file(graph_path),
+        "source_onnx_sha256": sha256_file(Path(onnx_path)),
         **prepared,
     }
     # No build time or date in the sidecar (it is inside the export stage's hashed output).

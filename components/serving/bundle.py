@@ -70,6 +70,10 @@ MODEL_FILES = {
     "teacher_onnx_int8": "teacher/model.int8.onnx",
     "teacher_onnx_static_int8": "teacher/model.static_int8.onnx",
 }
+# The student graphs a bundle carries whenever evaluate measured them, as the card names them.
+SHIPPED_STUDENTS = {"student_onnx": "FP32", "student_onnx_int8": "ONNX Runtime dynamic INT8",
+                    "student_onnx_static_int8": "ONNX Runtime static INT8, calibrated on "
+                                                "validation"}
 
 
 class BundleError(StageError):

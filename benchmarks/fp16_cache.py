@@ -1,6 +1,6 @@
 """Does a float16 teacher cache cost feature distillation anything? (issue 16)
 
-The label stage stores the teacher's mean-pooled hidden states as float16 (half the bytes of
+The teacher_cache stage stores the teacher's mean-pooled hidden states as float16 (half the bytes of
 the cache). Those states are only read by feature distillation (`distill.feature`), so this
 trains the same student twice with feature terms on, once against the pipeline's float16 cache
 and once against a float32 cache of the same teacher on the same texts, with the same seed,
@@ -8,9 +8,9 @@ and compares what the students keep: validation accuracy and loss from the disti
 test accuracy in PyTorch (with a seeded 95% bootstrap interval), agreement between the two
 students, and the largest difference between the two caches' states.
 
-Needs the default pipeline's prepare, tokenizer, teacher and label stages (`dvc repro label`).
-Writes under `--out` (default artifacts/benchmarks/fp16_cache): the float32 cache (the label stage
-run again, with float32 states) and both students.
+Needs the default pipeline's prepare, tokenizer, teacher and teacher_cache stages (`dvc repro
+teacher_cache`). Writes under `--out` (default artifacts/benchmarks/fp16_cache): the float32 cache
+(the teacher_cache stage run again, with float32 states) and both students.
 
     python benchmarks/fp16_cache.py [--pooled-weight 1.0] [--hidden-weight 1.0]
 """

@@ -1,7 +1,7 @@
 """How the data stages and `still predict` scale with the number of rows: wall time, examples/s
-and peak memory of prepare, tokenizer, label (the teacher's cached outputs) and one distill epoch
-at N = 20k, 100k and 200k synthetic labelled rows (issue 16), and of `still predict --input` on N
-= 10k, 100k and 1M rows (issue 27). The targets: every stage's peak RSS at the largest N within
+and peak memory of prepare, tokenizer, teacher_cache (the teacher's cached outputs) and one distill
+epoch at N = 20k, 100k and 200k synthetic labelled rows (issue 16), and of `still predict --input`
+on N = 10k, 100k and 1M rows (issue 27). The targets: every stage's peak RSS at the largest N within
 1.5x of the smallest N's, and its net examples/s within 20% across N.
 
 Data: N rows of `CLASSES` classes, texts of 40-80 words (uniform) drawn from a seeded generator:
@@ -13,18 +13,18 @@ and every N has the same text length distribution. Written as CSV, the format pr
 Models: the tests' tiny teacher (`tests/conftest.py make_tiny_teacher`: 2 layers of 32, its own
 small WordPiece tokenizer) given a seeded, untrained classification head for the synthetic
 labels, built once into `--out/teacher` and copied into every project (the teacher stage, the
-fine-tuning, is not measured: label only runs the teacher). The params are the production
+fine-tuning, is not measured: teacher_cache only runs the teacher). The params are the production
 params.yaml shrunk as the tests shrink it (`tiny_raw_params`: the 1-layer, 32-wide student
 reading 32 tokens, teacher at 32 tokens), then `SCALE_OVERRIDES`: a 2000-token BPE tokenizer
 without the cost curve, one distill epoch at batch 32, windows on with one 24-word window per
-training text (so label and distill see about twice the training texts), tracking disabled, 2
-threads.
+training text (so teacher_cache and distill see about twice the training texts), tracking disabled,
+2 threads.
 
 predict: `python -m components.cli predict --input <N rows>.csv --output predictions.jsonl`
-with a bundle the same tiny pipeline ships (prepare, tokenizer, label, distill, export, evaluate,
-ship run once as processes on `BUNDLE_ROWS` rows into `--out/bundle/`, reused when present; or
-`--bundle DIR`): the texts of the same synthetic CSV, the student's ONNX INT8 graph at the
-bundle's batch size (32), ONNX Runtime on all cores. Its examples are the lines it wrote.
+with a bundle the same tiny pipeline ships (prepare, tokenizer, teacher_cache, distill, export,
+evaluate, ship run once as processes on `BUNDLE_ROWS` rows into `--out/bundle/`, reused when
+present; or `--bundle DIR`): the texts of the same synthetic CSV, the student's ONNX INT8 graph at
+the bundle's batch size (32), ONNX Runtime on all cores. Its examples are the lines it wrote.
 
 Each N gets a scratch project `--out/<N>/` (params.yaml, the CSV, the stages' outputs) and every
 stage runs there as its own process, `python -m components.<stage>`, as DVC runs it, so the
@@ -33,7 +33,7 @@ stage and N:
 - wall s: time.perf_counter around the stage process (in the launcher below), interpreter
   start and imports included; a run under `REPEAT_UNDER_S` is repeated (`--repeats`, the stage
   replaces its output) and the median kept, since a few seconds move by tenths from run to run;
-- examples: prepare = rows read, tokenizer = training rows, label = examples the teacher ran
+- examples: prepare = rows read, tokenizer = training rows, teacher_cache = examples the teacher ran
   over (every split + the training windows), distill = training examples of the epoch (the
   wall time also holds its validation pass and the save);
 - ex/s = examples / wall s; net ex/s = (examples(N) - examples(N0)) / (wall(N) - wall(N0)) with
@@ -49,8 +49,8 @@ everything is written to `--out/results.json` (stage logs in `--out/logs/<N>/`).
 `--keep`, each N's project is removed once measured (a failed one is kept).
 
     python benchmarks/scale.py [--sizes 20000 100000 200000] [--baseline 1000]
-        [--stages prepare tokenizer label distill] [--out artifacts/benchmarks/scale] [--keep]
-        [--repeats 3]
+        [--stages prepare tokenizer teacher_cache distill] [--out artifacts/benchmarks/scale]
+        [--keep] [--repeats 3]
     python benchmarks/scale.py --stages predict --sizes 10000 100000 1000000 [--bundle DIR]
 
 `--code DIR` runs the measured processes from another checkout of the project (the harness,
@@ -78,10 +78,10 @@ from components.config import load_params
 from components.data.artifacts import REPORT_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "tokenizer", "label", "distill")  # the dvc.yaml order, teacher aside
+STAGES = ("prepare", "tokenizer", "teacher_cache", "distill")  # the dvc.yaml order, teacher aside
 COMMANDS = ("predict",)  # measured on a shipped bundle, after the stages asked for
 MEASURED = STAGES + COMMANDS
-BUNDLE_STAGES = ("prepare", "tokenizer", "label", "distill", "export", "evaluate", "ship")
+BUNDLE_STAGES = ("prepare", "tokenizer", "teacher_cache", "distill", "export", "evaluate", "ship")
 BUNDLE_ROWS = 2000  # synthetic rows the bundle's tiny pipeline trains on
 PREDICTIONS = "predictions.jsonl"
 RSS_TARGET = 1.5  # peak RSS at the largest N over the smallest N's, at most
@@ -111,7 +111,7 @@ SCALE_OVERRIDES = {
     "distill.epochs": 1,
     "distill.batch_size": 32,
     # Windows start at word `stride` and need `words / 2` words: a 40-80 word text has exactly
-    # one, so label and distill see about twice the training texts.
+    # one, so teacher_cache and distill see about twice the training texts.
     "distill.windows.enabled": True,
     "distill.windows.words": 24,
     "distill.windows.stride": 24,
@@ -329,7 +329,7 @@ def _count(stage: str, read, params) -> int:
         return read(params.paths.data, REPORT_FILE)["rows_read"]
     if stage == "tokenizer":
         return splits["train"]["examples"]
-    if stage == "label":
+    if stage == "teacher_cache":
         windows = read(params.paths.teacher_outputs, "metrics.json").get("windows", 0)
         return sum(s["examples"] for s in splits.values()) + windows
     return read(params.paths.student, "metrics.json")["train_examples"]

@@ -28,8 +28,9 @@ other graph both faster and at least as accurate on validation) and the last lin
 student graph within `--max-drop` points of the best teacher graph on validation; test is
 printed beside it, and reports the choice once.
 
-Needs the default pipeline's prepare, tokenizer, teacher and label stages (`dvc repro label`);
-the windows are labelled here once (into `--out/label`) when the pipeline's cache has none.
+Needs the default pipeline's prepare, tokenizer, teacher and teacher_cache stages (`dvc repro
+teacher_cache`); the windows are labelled here once (into `--out/label`) when the pipeline's cache
+has none.
 
     python benchmarks/students.py [--quick] [--only NAME ...] [--rounds 5] [--max-drop 1.5]
 """

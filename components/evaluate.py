@@ -69,7 +69,7 @@ from components.data.artifacts import (
     load_split,
 )
 from components.data.files import atomic_dir, write_json
-from components.evaluation.cascade import add_cascade, cost_cascade, run_cascade
+from components.evaluation.cascade_choice import add_cascade, cost_cascade, run_cascade
 from components.evaluation.selection import (
     best_of,
     compare_to_reference,

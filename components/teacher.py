@@ -2,7 +2,7 @@
 
 Produces in `paths.teacher`: a Hugging Face model folder (config.json with id2label,
 model.safetensors, tokenizer files), `metrics.json` (validation accuracy, whether it was
-fine-tuned) and `params.json`. The label stage then runs it once over the splits and the
+fine-tuned) and `params.json`. The teacher_cache stage then runs it once over the splits and the
 training windows (`paths.teacher_outputs`), so any number of students can be distilled
 without running the teacher again.
 

@@ -180,7 +180,16 @@ def tiny_params(tmp_path, dataset_csv, tiny_teacher):
 @pytest.fixture(scope="session")
 def trained_pipeline(tmp_path_factory, dataset_csv, tiny_teacher):
     """Run every stage in process once on tiny params; tests read the outputs."""
-    from components import evaluate, export, label, prepare, ship, source, teacher, tokenizer
+    from components import (
+        evaluate,
+        export,
+        prepare,
+        ship,
+        source,
+        teacher,
+        teacher_cache,
+        tokenizer,
+    )
     from components.distill import train as distill
 
     workdir = tmp_path_factory.mktemp("pipeline")
@@ -191,7 +200,7 @@ def trained_pipeline(tmp_path_factory, dataset_csv, tiny_teacher):
         ("prepare", prepare),
         ("tokenizer", tokenizer),
         ("teacher", teacher),
-        ("label", label),
+        ("teacher_cache", teacher_cache),
         ("distill", distill),
         ("export", export),
         ("evaluate", evaluate),

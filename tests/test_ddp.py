@@ -169,7 +169,7 @@ def test_ddp_on_two_cpu_processes_writes_one_student_like_a_single_process(
 
 def test_teacher_caching_on_two_cpu_processes_equals_one_process(
         tmp_path, dataset_csv, tiny_teacher):
-    """The label stage through Lightning's predict loop with ddp on 2 CPU processes (gloo)
+    """The teacher_cache stage through Lightning's predict loop with ddp on 2 CPU processes (gloo)
     writes the same cache as one process, byte for byte: each process runs whole batches of
     the same rows, padded the same way, and rank 0 puts them back in order. 33 validation
     examples in batches of 8 give 5 batches: rank 0 runs 3 of them, rank 1 two."""

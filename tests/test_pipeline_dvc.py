@@ -17,8 +17,8 @@ from tests.conftest import make_dvc_repo, make_examples, sh
 
 pytestmark = pytest.mark.slow
 DVC = [sys.executable, "-m", "dvc"]
-STAGES = ["source", "prepare", "tokenizer", "teacher", "label", "distill", "export", "evaluate",
-          "ship"]
+STAGES = ["source", "prepare", "tokenizer", "teacher", "teacher_cache", "distill", "export",
+          "evaluate", "ship"]
 
 
 def stages_run(output: str) -> list[str]:

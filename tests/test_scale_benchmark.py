@@ -91,7 +91,8 @@ def test_harness_runs_every_stage(tmp_path):
     assert list(by_stage) == list(scale.STAGES)
     assert all(r["examples_from"] == "stage" for r in by_stage.values())
     train = by_stage["tokenizer"]["examples"]
-    # one window per training text: label runs every split + the windows, distill trains on both
+    # one window per training text: teacher_cache runs every split + the windows, distill
+    # trains on both
     assert by_stage["distill"]["examples"] == 2 * train
-    assert by_stage["label"]["examples"] > by_stage["distill"]["examples"]
+    assert by_stage["teacher_cache"]["examples"] > by_stage["distill"]["examples"]
     assert (tmp_path / "200" / "params.yaml").is_file()

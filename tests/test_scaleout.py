@@ -148,12 +148,13 @@ def test_documented_trainer_values_are_valid_params():
     params = validated(raw_params(**{f"trainer.{k}": v for k, v in trainer.items()}))
     assert params.trainer.num_nodes > 1 and int(params.trainer.devices) > 1
     assert params.trainer.strategy == "ddp" and params.trainer.accelerator == "gpu"
-    # teacher and distill record the launch shape in dvc.lock, label does not (the section
-    # says so)
+    # teacher and distill record the launch shape in dvc.lock, teacher_cache does not (the
+    # section says so)
     for stage in ("teacher", "distill"):
         assert "trainer" in DVC_YAML["stages"][stage]["params"]
-    label = {p for p in DVC_YAML["stages"]["label"]["params"] if p.startswith("trainer")}
-    assert label <= {"trainer.num_threads", "trainer.precision"}, label
+    cache = {p for p in DVC_YAML["stages"]["teacher_cache"]["params"]
+             if p.startswith("trainer")}
+    assert cache <= {"trainer.num_threads", "trainer.precision"}, cache
 
 
 def test_one_node_command_is_an_experiment_with_valid_overrides(tmp_path, capsys):
@@ -231,7 +232,7 @@ def test_documented_sbatch_chain_runs_the_stages_in_dvc_order():
     chain = section_commands("sbatch")
     assert [argv[-2] for argv in chain] == ["infra/slurm/stage.sbatch"] * 3
     stages = [argv[-1] for argv in chain]
-    assert stages == sbatch_stages() == ["teacher", "label", "distill"]
+    assert stages == sbatch_stages() == ["teacher", "teacher_cache", "distill"]
     order = list(DVC_YAML["stages"])
     assert sorted(stages, key=order.index) == stages
     # each waits for the previous one to succeed (its dvc commit included)

@@ -1,5 +1,5 @@
 """Distil on more inputs (issue 15, lever 1): word windows of every training text, labelled once
-by the teacher in the label stage, and the student trained on examples + windows."""
+by the teacher in the teacher_cache stage, and the student trained on examples + windows."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components import label
+from components import teacher_cache
 from components.config import apply_overrides, validate
 from components.data.artifacts import load_split, load_teacher_outputs, load_windows
 from components.distill import train as distill
@@ -44,7 +44,7 @@ def windowed(params, tmp_path, **windows):
 def test_label_stage_caches_windows_and_distill_trains_on_them(trained_pipeline, tmp_path):
     params, _ = trained_pipeline
     p = windowed(params, tmp_path)
-    metrics = label.run(p)
+    metrics = teacher_cache.run(p)
     windows = load_windows(p.paths)
     train = load_split(p.paths, "train")
     texts, source = text_windows(train["text"].tolist(), 4, 3, 2)
@@ -76,16 +76,16 @@ def test_windows_without_labelled_windows_is_a_clear_error(trained_pipeline, tmp
     params, _ = trained_pipeline
     off = validate(apply_overrides(windowed(params, tmp_path).to_dict(), {
         "distill.windows.enabled": False}))
-    label.run(off)  # a cache labelled with windows off, then distill asks for them
+    teacher_cache.run(off)  # a cache labelled with windows off, then distill asks for them
     assert load_windows(off.paths) is None
-    with pytest.raises(StageError, match=r"no labelled windows.*dvc repro label"):
+    with pytest.raises(StageError, match=r"no labelled windows.*dvc repro teacher_cache"):
         distill.run(windowed(params, tmp_path))
 
 
 def test_a_stale_window_table_is_refused(trained_pipeline, tmp_path):
     params, _ = trained_pipeline
     p = windowed(params, tmp_path, max_per_text=1)
-    label.run(p)
+    teacher_cache.run(p)
     path = tmp_path / "teacher_outputs" / "windows.parquet"
     frame = pd.read_parquet(path)
     frame.iloc[:-1].to_parquet(path, index=False)

@@ -22,7 +22,7 @@ CODE_ROOT = Path(__file__).resolve().parents[2]
 # The stage that writes each location, replacing it whole (DVC deletes the DVC outputs among
 # them before that stage runs). `wandb` is only ever added to.
 WRITTEN_BY = {"source_version": "source", "data": "prepare", "tokenizer": "tokenizer",
-              "teacher": "teacher", "teacher_outputs": "label", "student": "distill",
+              "teacher": "teacher", "teacher_outputs": "teacher_cache", "student": "distill",
               "export": "export", "evaluate": "evaluate", "results": "evaluate",
               "bundle": "ship"}
 # Written whole by their stage, but not DVC outputs: results/ holds timings (git-tracked, out of

@@ -84,7 +84,7 @@ class Paths(_Section):
     data: str = "data/prepared"  # prepare: train/validation/test Parquet, label map, report
     tokenizer: str = "artifacts/tokenizer"  # tokenizer: tokenizer.json + metrics.json
     teacher: str = "artifacts/teacher"  # teacher: HF folder (safetensors) + metrics.json
-    teacher_outputs: str = "artifacts/teacher_outputs"  # label: the teacher's cached outputs
+    teacher_outputs: str = "artifacts/teacher_outputs"  # teacher_cache: its cached outputs
     student: str = "artifacts/student"  # distill: model.safetensors + config + metrics.json
     export: str = "artifacts/export"  # export: ONNX graphs, parity.json
     evaluate: str = "artifacts/evaluate"  # evaluate: quality.json (what predictions decide)
@@ -262,8 +262,8 @@ class Windows(_Section):
     """Distil on more of each text: every training text is sliced into windows of `words`
     whitespace-separated words, `stride` words apart (the first starts at word `stride`: the
     training example itself already covers the text's start), at most `max_per_text` per text.
-    The label stage runs the teacher on every window once; distill trains on the examples and
-    the windows (KD on the teacher's logits, hard labels from the text's label)."""
+    The teacher_cache stage runs the teacher on every window once; distill trains on the examples
+    and the windows (KD on the teacher's logits, hard labels from the text's label)."""
 
     enabled: bool = True
     words: int = Field(48, ge=1)

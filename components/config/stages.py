@@ -16,7 +16,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "teacher": ("seed", "trainer", "teacher"),
     # Not trainer.devices/strategy/num_nodes: the cache is the same on any number of processes
     # (components.training.teacher_outputs), so scaling the caching out does not invalidate it.
-    "label": ("trainer.num_threads", "trainer.precision", "teacher.max_length",
+    "teacher_cache": ("trainer.num_threads", "trainer.precision", "teacher.max_length",
               "teacher.eval_batch_size", "distill.windows"),
     "distill": ("seed", "trainer", "distill"),
     "export": ("export", "distill.max_length", "teacher.max_length"),

@@ -5,8 +5,8 @@ readers take `Paths` (the `paths:` section of params), not all of the params.
 - prepared data (`paths.data`): `<split>.parquet` (columns text, label, label_name),
   `label_map.json` (`{"labels": [class names]}`), `report.json`;
 - domain tokenizer (`paths.tokenizer`): `tokenizer.json`;
-- teacher (`paths.teacher`): a Hugging Face model folder; its cached outputs (the label stage,
-  `paths.teacher_outputs`): for every split and, with `distill.windows`, for the training
+- teacher (`paths.teacher`): a Hugging Face model folder; its cached outputs (the teacher_cache
+  stage, `paths.teacher_outputs`): for every split and, with `distill.windows`, for the training
   windows listed in `windows.parquet` (text, source row in train, label), one `.npy` file per
   array, `<name>.logits.npy` (float32 [n, labels]) and `<name>.layers.npy` (float16
   [n, layers + 1, hidden], the mean-pooled hidden states), written batch by batch and read as
@@ -49,7 +49,7 @@ LABEL_MAP_FILE = "label_map.json"
 REPORT_FILE = "report.json"
 # Domain tokenizer
 TOKENIZER_FILE = "tokenizer.json"
-# Teacher outputs cached for distillation (the label stage)
+# Teacher outputs cached for distillation (the teacher_cache stage)
 OUTPUTS_INDEX = "outputs.json"  # {"outputs": {name: rows}, "layers_dtype", ...}
 OUTPUTS_FORMAT = "still-teacher-outputs/2"
 LAYERS_DTYPE = np.float16  # pooled states: half the bytes; KD measured unchanged (issue 16)
@@ -316,21 +316,22 @@ def write_outputs_index(out: Path, rows: dict[str, int], num_labels: int,
         "layers_dtype": np.dtype(layers_dtype).name})
 
 
-_RERUN_LABEL = "rerun the label stage (dvc repro -f label)"
+_RERUN_LABEL = "rerun the teacher_cache stage (dvc repro -f teacher_cache)"
 
 
 def load_teacher_outputs(paths: Paths) -> dict[str, np.ndarray]:
     """The cached teacher outputs as read-only memory maps, `<name>_logits` and
     `<name>_layers` for every name in `outputs.json`: nothing is read into memory until an
     example is asked for. Each file is checked against the index (rows, shape, dtype). The
-    label stage writes float16 layers; an index saying float32 (a full-precision copy, as
+    teacher_cache stage writes float16 layers; an index saying float32 (a full-precision copy, as
     benchmarks/scale.py's KD check makes) is read as such."""
     folder = Path(paths.teacher_outputs)
     index_path = folder / OUTPUTS_INDEX
     if not index_path.is_file():
         old = " (it holds the outputs.npz of an older version)" if (
             folder / "outputs.npz").is_file() else ""
-        raise StageError(f"{index_path} not found{old}: run the label stage (dvc repro label)")
+        raise StageError(f"{index_path} not found{old}: run the teacher_cache stage "
+                         "(dvc repro teacher_cache)")
     index = read_json(index_path)
     if not (isinstance(index, dict) and index.get("format") == OUTPUTS_FORMAT
             and isinstance(index.get("outputs"), dict)):
@@ -359,7 +360,7 @@ def load_teacher_outputs(paths: Paths) -> dict[str, np.ndarray]:
 
 
 def windows_path(paths: Paths) -> Path | None:
-    """The training windows the label stage labelled (None when windows are off)."""
+    """The training windows the teacher_cache stage labelled (None when windows are off)."""
     path = Path(paths.teacher_outputs) / WINDOWS_FILE
     return path if path.is_file() else None
 

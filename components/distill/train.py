@@ -5,7 +5,7 @@ optional feature terms (`distill.feature`: pooled / per-layer hidden-state match
 learned projections, see `losses.FeatureDistillationLoss`), trained with the shared Lightning
 loop (checkpointing, early stopping on validation loss, progress
 bar, W&B). The teacher is never run here: its logits come from `paths.teacher_outputs` (the
-label stage), for the training examples and, with `distill.windows`, for the word windows of
+teacher_cache stage), for the training examples and, with `distill.windows`, for the word windows of
 every training text it labelled (TinyBERT-style augmentation: the student learns from all of
 each text, not only from its first `max_length` tokens).
 
@@ -112,21 +112,21 @@ def encode_split(params: Params, tok: Tokenizer, split: str) -> tuple[TokenIds, 
 
 def with_windows(params: Params, tok: Tokenizer, train: tuple,
                  teacher: dict[str, np.ndarray], features: bool) -> tuple:
-    """The training examples followed by the training windows the label stage labelled."""
+    """The training examples followed by the training windows the teacher_cache stage labelled."""
     path = windows_path(params.paths)
     if path is None or "windows_logits" not in teacher:
         raise StageError(
             f"distill.windows.enabled is true but {params.paths.teacher_outputs} holds no "
-            "labelled windows: rerun the label stage (dvc repro label)")
+            "labelled windows: rerun the teacher_cache stage (dvc repro teacher_cache)")
     what = "the labelled training windows"
-    fix = "rerun the label stage (dvc repro -f label)"
+    fix = "rerun the teacher_cache stage (dvc repro -f teacher_cache)"
     labels = read_labels(path, what, fix)
     extra = teacher_targets(teacher, "windows", features)
     if len(labels) != len(extra["teacher_logits"]):
         raise StageError(
             f"{params.paths.teacher_outputs}: {len(labels)} windows but "
-            f"{len(extra['teacher_logits'])} cached teacher outputs; rerun the label stage "
-            "(dvc repro -f label)")
+            f"{len(extra['teacher_logits'])} cached teacher outputs; rerun the teacher_cache stage "
+            "(dvc repro -f teacher_cache)")
     ids = encode_batches(tok, (f["text"].tolist() for f in iter_parquet(path, ["text"], what,
                                                                        fix)),
                          params.distill.max_length)

@@ -34,7 +34,7 @@ class EncodedDataset(Dataset):
             if len(values) != len(ids):
                 raise ValueError(
                     f"{len(values)} cached {key} for {len(ids)} examples: the teacher outputs "
-                    "are stale, rerun the label stage (dvc repro label)"
+                    "are stale, rerun the teacher_cache stage (dvc repro teacher_cache)"
                 )
         self.ids, self.labels = ids, labels
 

@@ -1,4 +1,4 @@
-"""The teacher over many texts through Lightning's predict loop: the label stage's engine.
+"""The teacher over many texts through Lightning's predict loop: the teacher_cache stage's engine.
 
 `cache_outputs` runs a model's `features()` (logits and mean-pooled layers) over Parquet files
 of texts and writes them batch by batch into `.npy` files (`artifacts.NpyWriter`): memory holds

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from components import evaluate, label, prepare
+from components import evaluate, prepare, teacher_cache
 from components.config import validate
 from components.data import artifacts
 from components.stage import StageError
@@ -218,7 +218,7 @@ def test_split_label_outside_the_label_map_is_refused_by_later_stages(tmp_path, 
     test = pd.read_parquet(data / "test.parquet")
     test.loc[0, "label"] = 7  # e.g. a test split from a run with more classes
     test.to_parquet(data / "test.parquet", index=False)
-    for stage in (evaluate, label):  # the stages that read the test split
+    for stage in (evaluate, teacher_cache):  # the stages that read the test split
         with pytest.raises(StageError) as err:
             stage.run(params)
         msg = str(err.value)

@@ -41,7 +41,7 @@ CASES = {
     "data": ("components", "prepare"),
     "tokenizer": ("data/prepared", "tokenizer"),
     "teacher": (".git", "teacher"),
-    "teacher_outputs": (".dvc", "label"),
+    "teacher_outputs": (".dvc", "teacher_cache"),
     "student": ("tests", "distill"),
     "export": (".", "export"),
     "evaluate": ("dvc.yaml", "evaluate"),
@@ -113,7 +113,7 @@ def assert_refused(proc: subprocess.CompletedProcess, line: str) -> None:
     assert proc.returncode != 0, out
     assert "source: error: params.yaml has 1 problem(s):\n" + line in out, out
     assert SOURCE_FAILED in out and "Traceback" not in out, out
-    ran = [s for s in ("prepare", "tokenizer", "teacher", "label", "distill", "export",
+    ran = [s for s in ("prepare", "tokenizer", "teacher", "teacher_cache", "distill", "export",
                        "evaluate", "ship") if f"Running stage '{s}'" in out]
     assert not ran, f"ran {ran}:\n{out}"
 

@@ -19,7 +19,7 @@ windows (`textdata.text_windows`) that the teacher labels here, once, for any nu
 students. A separate stage from `teacher`, so that changing the windows never fine-tunes the
 teacher again.
 
-Run: `python -m components.label` (or `dvc repro label`).
+Run: `python -m components.teacher_cache` (or `dvc repro teacher_cache`).
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def run(params: Params, layers_dtype=LAYERS_DTYPE) -> dict:
             metrics["windows_label_agreement"] = accuracy(logits, window_labels)
         metrics["windows"] = len(window_labels)
         metrics["windows_per_text"] = len(window_labels) / max(1, len(labels["train"]))
-    with atomic_dir(final, params, "label") as out:
+    with atomic_dir(final, params, "teacher_cache") as out:
         for s in sources:
             for file in outputs_files(s.name):
                 (work / file).replace(out / file)
@@ -149,7 +149,7 @@ def run(params: Params, layers_dtype=LAYERS_DTYPE) -> dict:
 
 
 def main() -> None:
-    stage_main("label", run)
+    stage_main("teacher_cache", run)
 
 
 if __name__ == "__main__":

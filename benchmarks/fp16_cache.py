@@ -32,8 +32,8 @@ from components.distill import train as distill
 from components.evaluation.stats import Bootstrap
 from components.models.student import load
 from components.text.batches import chunks, encode
-from components.text.datasets import batches
 from components.text.encoding import pad_id
+from components.text.tensors import batches
 
 
 def test_predictions(student: Path, params) -> np.ndarray:

@@ -53,7 +53,7 @@ from components.config import (
     stage_params,
     validate,
 )
-from components.config.secrets import redact
+from components.config.redaction import redact
 from components.data.artifacts import (
     OUTPUTS_INDEX,
     TEACHER_FP32,
@@ -70,8 +70,8 @@ from components.models import student as student_io
 from components.models.runtimes import ort_session
 from components.stage import StageError
 from components.text.batches import encode
-from components.text.datasets import pad_batch
 from components.text.encoding import pad_id
+from components.text.tensors import pad_batch
 
 # The grid varies one lever at a time around the default student (params.yaml: one layer of 128
 # reading 64 tokens, trained from scratch on the texts and their teacher-labelled windows; a

@@ -28,7 +28,7 @@ import numpy as np
 
 from components import export
 from components.config import apply_overrides, load_params, stage_params, validate
-from components.config.secrets import redact
+from components.config.redaction import redact
 from components.data.artifacts import STUDENT_FP32, TOKENIZER_FILE, load_split
 from components.data.files import PARAMS_FILE, read_json
 from components.distill import train as distill
@@ -37,8 +37,8 @@ from components.models import student as student_io
 from components.models.runtimes import ort_session
 from components.stage import StageError
 from components.text.batches import encode
-from components.text.datasets import pad_batch
 from components.text.encoding import pad_id
+from components.text.tensors import pad_batch
 
 
 def parse_config(text: str) -> tuple[str, dict]:

@@ -108,7 +108,7 @@ def predict(args: argparse.Namespace) -> int:
 
 def triton(args: argparse.Namespace) -> int:
     from components.serving.bundle import load_bundle
-    from components.serving.triton import write_triton
+    from components.serving.triton_repo import write_triton
 
     folder = write_triton(load_bundle(args.bundle), args.out, args.name, args.model,
                           args.max_batch_size)

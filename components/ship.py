@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from components.config import Params
-from components.config.secrets import redact
+from components.config.redaction import redact
 from components.data.artifacts import (
     STUDENT_FP32,
     STUDENT_INT8,

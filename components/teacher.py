@@ -25,8 +25,8 @@ from components.models.hub import load_tokenizer, loading, model_path
 from components.models.teacher import predict_outputs, with_head
 from components.stage import StageError, stage_main
 from components.text.batches import encode_batches
-from components.text.datasets import EncodedDataset, TextDataModule
 from components.text.encoding import pad_id
+from components.text.tensors import EncodedDataset, TextDataModule
 from components.training.fit import ClassifierModule, configure_torch, cross_entropy, fit
 
 

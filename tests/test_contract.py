@@ -1,6 +1,9 @@
 """params.yaml <-> config classes <-> dvc.yaml agree: every stage's params exist, every command
 is a real module with run/main, every output location is the fixed one of `config.Paths` and
-none of them can delete anything DVC did not make."""
+none of them can delete anything DVC did not make. The package rules of components/ hold: the
+folder listing is the pipeline (stage drivers at the top, packages by role below), stage
+drivers never import each other, serving/ and flows/ never import torch, evaluation/ and
+serving/ never import reporting/, and dvc.yaml's code deps are what each stage imports."""
 
 import importlib
 import re
@@ -150,9 +153,10 @@ def test_every_stage_section_is_tracked_by_a_stage():
     assert tracked >= set(PARAMS) - {"paths", "tracking"}
 
 
-def _imported_project_files(module: str) -> set[str]:
+def _imported_project_files(module: str, external: set[str] | None = None) -> set[str]:
     """Files of the project that `python -m <module>` can import, transitively (static: every
-    `import`/`from ... import` anywhere in a module, function-level imports included)."""
+    `import`/`from ... import` anywhere in a module, function-level imports included). With
+    `external`, also collects there the top-level names of the other packages imported."""
     import ast
 
     seen: set[str] = set()
@@ -182,18 +186,31 @@ def _imported_project_files(module: str) -> set[str]:
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                 todo.append(node.module)
                 todo += [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            if external is not None:
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module])
+                external |= {n.split(".")[0] for n in names
+                             if n.split(".")[0] not in ("components", "flows")}
     return {f for f in seen if f.split("/")[0] in ("components", "flows")}
 
 
 def test_code_deps_cover_every_imported_project_file():
     """dvc.yaml's code deps are derived from imports: a stage whose code imports a project file
-    it does not depend on would stay 'up to date' after that file changed."""
+    it does not depend on would stay 'up to date' after that file changed; one that lists a
+    file it does not import reruns for nothing (a plot's style must not rerun export)."""
     for name, stage in DVC["stages"].items():
         module = stage["cmd"].removeprefix("python -m ")
         deps = [d for d in stage["deps"] if d.startswith(("components/", "flows/"))]
-        missing = sorted(f for f in _imported_project_files(module)
+        imported = _imported_project_files(module)
+        missing = sorted(f for f in imported
                          if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps))
         assert not missing, f"stage {name}: add to dvc.yaml deps: {missing}"
+        own = _stage_files(name)
+        unused = sorted(d for d in deps if d not in imported and not (
+            own & {f for f in imported if f.startswith(d.rstrip("/") + "/")}))
+        assert not unused, f"stage {name}: dvc.yaml deps it never imports: {unused}"
 
 
 def _stage_files(name: str) -> set[str]:
@@ -253,3 +270,90 @@ def test_committed_lock_matches_the_code():
             elif (ROOT / dep).is_file() and entry["md5"] != _md5(ROOT / dep):
                 stale.append(f"{name}: {dep} changed since dvc.lock was written")
     assert not stale, "rerun the stages (dvc repro) and commit dvc.lock:\n" + "\n".join(stale)
+
+
+# ------------------------------------------------------------------------------ package rules
+
+COMPONENTS = ROOT / "components"
+# What components/ holds besides the stage drivers: the packages by role, the command line and
+# the harness every driver shares.
+PACKAGES = {"config", "data", "text", "models", "training", "exporting", "evaluation",
+            "reporting", "serving"}
+NOT_STAGES = {"__init__.py", "cli.py", "stage.py"}
+
+
+def _package_modules(package: str) -> list[str]:
+    """The dotted names of every module in `components/<package>/`."""
+    return sorted(".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+                  for p in (COMPONENTS / package).rglob("*.py"))
+
+
+def test_the_folder_listing_is_the_pipeline():
+    """components/ holds the stage drivers (one per dvc.yaml stage, `distill/` a package of
+    its own), the packages by role, cli.py and stage.py; nothing else."""
+    stages = {stage["cmd"].removeprefix("python -m components.") for stage in
+              DVC["stages"].values()}
+    files = {p.name for p in COMPONENTS.glob("*.py")}
+    folders = {p.name for p in COMPONENTS.iterdir()
+               if p.is_dir() and (p / "__init__.py").is_file()}
+    assert files - NOT_STAGES == {s + ".py" for s in stages} - {"distill.py"}, files
+    assert folders == PACKAGES | {"distill"}, folders
+
+
+def test_nothing_but_a_stage_driver_imports_a_stage_driver():
+    """Packages are what the drivers are made of: no package module (and no flow) imports a
+    driver, so a driver's edit reruns its stage alone."""
+    drivers = {f for name in DVC["stages"] for f in _stage_files(name)}
+    modules = [m for package in PACKAGES for m in _package_modules(package)]
+    modules += ["components.cli", "components.stage"]
+    modules += [".".join(p.relative_to(ROOT).with_suffix("").parts)
+                for p in (ROOT / "flows").glob("*.py")]
+    crossing = {m: sorted(_imported_project_files(m) & drivers) for m in modules}
+    crossing = {m: files for m, files in crossing.items() if files}
+    assert not crossing, f"modules importing a stage driver: {crossing}"
+
+
+@pytest.mark.parametrize("package", ["serving", "flows"])
+def test_serving_and_flows_never_import_torch(package):
+    """Serving is what a deployment installs and flows orchestrate: neither may pull torch or
+    Lightning, directly or through anything they import (function-level imports included)."""
+    modules = (_package_modules(package) if package != "flows" else
+               [f"flows.{p.stem}" for p in (ROOT / "flows").glob("*.py")])
+    heavy = {"torch", "pytorch_lightning", "lightning"}
+    for module in modules:
+        external: set[str] = set()
+        _imported_project_files(module, external)
+        assert not external & heavy, f"{module} imports {sorted(external & heavy)}"
+
+
+@pytest.mark.parametrize("package", ["evaluation", "serving"])
+def test_evaluation_and_serving_never_import_reporting(package):
+    """Reporting draws and writes what evaluation computes: a plot's style must not rerun
+    export (which depends on serving/ and evaluation's cascade) or change what evaluate
+    decides."""
+    for module in _package_modules(package):
+        reporting = sorted(f for f in _imported_project_files(module)
+                           if f.startswith("components/reporting/"))
+        assert not reporting, f"{module} imports {reporting}"
+
+
+def test_no_module_is_named_after_a_package(tmp_path):
+    """A module named like an installed or optional package (`secrets`, `datasets`,
+    `tensorrt`) would shadow it for code run with its folder on sys.path. Looked up in a fresh
+    interpreter outside the project (whose own folders would be found there)."""
+    import sys
+    import tomllib
+
+    optional = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    extras = {re.split(r"[<>=\[ ]", dep)[0].replace("-", "_")
+              for deps in optional.values() for dep in deps}
+    names = {p.stem for p in COMPONENTS.rglob("*.py")} | {
+        p.name for p in COMPONENTS.rglob("*") if p.is_dir()}
+    names -= {"__init__", "__main__", "__pycache__"}
+    probe = ("import importlib.util, sys; "
+             "print(' '.join(n for n in sys.argv[1:] if importlib.util.find_spec(n)))")
+    found = subprocess.run([sys.executable, "-c", probe, *sorted(names)], cwd=tmp_path,
+                           capture_output=True, text=True, check=True).stdout.split()
+    clashes = sorted(set(found) | (names & extras))
+    assert not clashes, f"modules named after a package: {clashes}"

@@ -41,8 +41,8 @@ from components.config import Paths, apply_overrides, validate
 from components.data.artifacts import load_split, load_teacher_outputs
 from components.models.student import load
 from components.text.batches import encode
-from components.text.datasets import batches
 from components.text.encoding import pad_id
+from components.text.tensors import batches
 from tests.conftest import ROOT, tiny_raw_params
 
 pytestmark = pytest.mark.slow

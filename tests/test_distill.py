@@ -2,7 +2,7 @@ import torch
 
 from components.models.losses import DistillationLoss, kd_kl
 from components.models.student import Student, StudentConfig, load, save
-from components.text.datasets import pad_batch
+from components.text.tensors import pad_batch
 
 
 def tiny_student(**kw):

@@ -8,7 +8,7 @@ from components.exporting.onnx_export import export_onnx
 from components.exporting.parity import ParityError, check_parity
 from components.models.runtimes import ort_session as session
 from components.stage import StageError
-from components.text.datasets import pad_batch
+from components.text.tensors import pad_batch
 from tests.test_distill import tiny_student
 
 

@@ -21,7 +21,7 @@ from components.models import student as student_io
 from components.models.runtimes import TextEncoder, onnx_runner, ort_session
 from components.serving.bundle import BundleError, load_bundle, verify
 from components.serving.predict import predict_file
-from components.serving.triton import write_triton
+from components.serving.triton_repo import write_triton
 from components.stage import StageError
 
 pytestmark = pytest.mark.slow

@@ -22,8 +22,8 @@ from components.models.student import (
     spread_layers,
 )
 from components.stage import StageError
-from components.text.datasets import pad_batch
 from components.text.encoding import INPUTS, OUTPUTS
+from components.text.tensors import pad_batch
 
 TOL = dict(atol=1e-5, rtol=0)
 

@@ -23,7 +23,7 @@ from components.exporting.onnx_export import export_onnx
 from components.exporting.trt import engines, graphs
 from components.exporting.trt.build import calibration_batches, export_engines
 from components.stage import StageError
-from components.text.datasets import pad_batch
+from components.text.tensors import pad_batch
 from tests.conftest import tiny_raw_params
 from tests.test_distill import tiny_student
 

@@ -6,7 +6,8 @@ message names each offending key, so a user fixes params.yaml in one pass.
 
 The package: `schema` (the sections and their own rules), `rules` (rules that read the teacher's
 config.json), `paths` (output-location safety), `stages` (the params each stage declares),
-`loading` (YAML, overrides, validation), `secrets` (redaction).
+`loading` (YAML, overrides, validation), `redaction` (no secret in what is written or
+logged).
 """
 
 from components.config.loading import (

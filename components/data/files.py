@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from components.config import Params, stage_params
-from components.config.secrets import redact
+from components.config.redaction import redact
 from components.stage import StageError
 
 PARAMS_FILE = "params.json"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from components.config.secrets import redact
+from components.config.redaction import redact
 from components.data.files import describe
 from components.stage import StageError
 

@@ -47,8 +47,8 @@ from components.models.student import (
 )
 from components.stage import StageError, stage_main
 from components.text.batches import Stacked, TokenIds, encode_batches
-from components.text.datasets import EncodedDataset, TextDataModule
 from components.text.encoding import pad_id
+from components.text.tensors import EncodedDataset, TextDataModule
 from components.training.fit import ClassifierModule, configure_torch, fit
 
 

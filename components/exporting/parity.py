@@ -15,8 +15,8 @@ from components.data.artifacts import (
 )
 from components.models.runtimes import TextEncoder
 from components.stage import StageError
-from components.text.datasets import batches
 from components.text.encoding import OUTPUTS
+from components.text.tensors import batches
 
 
 class ParityError(StageError):

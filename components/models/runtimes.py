@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from components.stage import StageError
-from components.text.datasets import pad_batch
 from components.text.encoding import OUTPUTS, Encoder, session_options
+from components.text.tensors import pad_batch
 
 Runner = Callable[[torch.Tensor, torch.Tensor], np.ndarray]
 

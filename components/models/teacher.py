@@ -41,7 +41,7 @@ def predict_outputs(model: HFClassifier, ids: list[list[int]], batch_size: int, 
     order; `progress` names a progress bar (None: silent)."""
     from tqdm.auto import tqdm
 
-    from components.text.datasets import batches
+    from components.text.tensors import batches
 
     model.eval()
     logits, layers = [], []

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from components.config import Params
-from components.config.secrets import redact
+from components.config.redaction import redact
 
 
 def wandb_mode(params: Params) -> str:

@@ -5,7 +5,7 @@ row chunks of stacked arrays (`Stacked`, `chunks`).
 Both sides encode through a Hugging Face `tokenizers.Tokenizer` (the teacher's is its fast
 tokenizer's backend) wrapped in `components.text.encoding.Encoder`, which tokenises only the
 part of a text the model reads and truncates to `max_length` keeping [CLS]/[SEP]; batches are
-padded per batch (`components.text.datasets`), so there is one encoding path for training,
+padded per batch (`components.text.tensors`), so there is one encoding path for training,
 teacher caching, export parity and evaluation.
 """
 

@@ -40,8 +40,8 @@ from components.data.artifacts import (
     parquet_rows,
 )
 from components.stage import StageError
-from components.text.datasets import pad_batch
 from components.text.encoding import Encoder
+from components.text.tensors import pad_batch
 from components.training.fit import leave_process_group, lightning_trainer
 
 # Lightning warns about any IterableDataset with a __len__ in case several loader workers

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from components.models.student import Student, StudentConfig
-from components.text.datasets import EncodedDataset, TextDataModule
+from components.text.tensors import EncodedDataset, TextDataModule
 from components.training.fit import (
     LAST_CHECKPOINT,
     PARAMS_HASH_FILE,

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 from components.config import validate
-from components.config.secrets import redact
+from components.config.redaction import redact
 from components.data.files import atomic_dir
 from components.reporting import tracking
 from tests.conftest import ROOT, tiny_raw_params

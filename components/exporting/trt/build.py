@@ -15,8 +15,8 @@ from components.exporting.trt import engines, graphs
 from components.models.runtimes import ort_session
 from components.stage import StageError
 from components.text.batches import encode
-from components.text.datasets import pad_batch
 from components.text.encoding import pad_id
+from components.text.tensors import pad_batch
 
 # --------------------------------------------------------------------------- TensorRT
 

@@ -60,18 +60,15 @@ row group per `BATCH_ROWS` rows). The spill is removed when the stage ends, howe
 Run: `python -m components.prepare` (or `dvc repro prepare`).
 """
 
+
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
-import re
 import tempfile
-import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -80,111 +77,29 @@ import pyarrow.parquet as pq
 
 from components.config import Params, Prepare
 from components.data.artifacts import BATCH_ROWS, SPLITS, SplitWriter, write_prepared
-from components.data.cleaning import clean_unicode, cut_at_word, text_problem
+from components.data.cleaning import (
+    BAD_ROW_REASONS,
+    _label_spelling,
+    _normalise_for_dedup,
+    clean_row,
+    cut_at_word,
+)
 from components.data.files import atomic_dir
 from components.data.readers import READ_BUFFER, stream_source
 from components.data.rows import (
     EXAMPLES_PER_REASON,
-    FOLDER_SKIP_REASONS,
     Reader,
     Row,
     Rows,
     describe_drops,
 )
+from components.data.splits import stratified_split
 from components.stage import StageError, stage_main
-
-__all__ = ["BAD_ROW_REASONS", "BATCH_ROWS", "FOLDER_SKIP_REASONS", "clean_row", "label_name",
-           "run"]
-
 
 # A kept text is "far longer than the rest" above both (see the module docstring).
 OUTLIER_RATIO = 20
 OUTLIER_MIN_CHARS = 10_000
 OUTLIERS_SHOWN = 5
-
-# Drop reasons that mean the input itself is broken: with `on_bad_rows: error` any of them stops
-# the stage. Exact duplicates are ordinary cleaning and never do.
-BAD_ROW_REASONS = (
-    "malformed",  # a CSV/TSV record with the wrong field count or quoting (e.g. a quote never
-    #               closed), a JSONL line that is not a JSON object, is nested too deeply or
-    #               repeats the text/label key
-    "not_utf8",  # undecodable bytes (a U+FFFD the source itself holds is text, not this)
-    "missing_field",  # a JSONL object without the text or label field
-    "missing_label",  # null, NaN, empty, or the text "nan"/"null"
-    "invalid_label",  # a label that is a list/object rather than a name or number
-    "missing_text",  # null or non-string text
-    "empty_text",  # shorter than prepare.min_chars after stripping whitespace
-    "conflicting_labels",  # the same text under two labels
-    "rare_class",  # a class with fewer examples than there are splits
-)
-# How a text format without a null (CSV, TSV, file names) spells a missing value; compared
-# after stripping and case-folding. Anything else, "None" and "N/A" included, is a class name.
-_MISSING_LABELS = {"nan", "null"}
-_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
-
-
-def _normalise_for_dedup(text: str) -> str:
-    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip().casefold()
-
-
-def _is_missing(value: object) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def _label_spelling(label: object) -> str | None:
-    """The label as text, as the source spells it; None for null and NaN."""
-    if hasattr(label, "item") and not isinstance(label, str | bytes):
-        label = label.item()  # numpy scalars
-    if _is_missing(label):
-        return None
-    if isinstance(label, bool):
-        return "true" if label else "false"
-    if isinstance(label, float):
-        return repr(label)  # 1.0 -> "1.0": the same text a CSV holds for it
-    return str(label)
-
-
-def _canonical_number(text: str) -> str | None:
-    """One spelling per decimal number ("1.0", "01", "+1", "1e0" -> "1"); None if `text` is
-    not a plain decimal number."""
-    if not _NUMBER.fullmatch(text):
-        return None
-    value = Decimal(text)
-    if value == 0:
-        return "0"
-    value = value.normalize()
-    return format(value, "f") if -30 <= value.adjusted() <= 30 else str(value)
-
-
-def label_name(label: object, cfg: Prepare) -> str | None:
-    """The class name of a raw label (see the module docstring); None when it is missing."""
-    spelling = _label_spelling(label)
-    if spelling is None:
-        return None
-    name = unicodedata.normalize("NFC", spelling).strip()
-    if not name or name.casefold() in _MISSING_LABELS:
-        return None
-    if cfg.labels_numeric:
-        name = _canonical_number(name) or name
-    if cfg.labels_casefold:
-        name = name.casefold()
-    return name
-
-
-def clean_row(text: object, label: object, cfg: Prepare) -> tuple[str | None, str, str]:
-    """One raw row as (drop reason, text, class name): the reason is None for a usable row,
-    whose text is then stripped of surrounding whitespace; otherwise text and name are ""."""
-    if isinstance(label, list | dict):
-        return "invalid_label", "", ""
-    name = label_name(label, cfg)
-    if name is None:
-        return "missing_label", "", ""
-    problem = text_problem(text, cfg.min_chars)
-    if problem != "missing_text" and not clean_unicode(name):
-        problem = "not_utf8"  # a label holding undecodable bytes
-    if problem:
-        return problem, "", ""
-    return None, text.strip(), name
 
 
 _SPILL_SCHEMA = pa.schema([("text", pa.large_string()), ("origin", pa.large_string())])
@@ -435,25 +350,6 @@ def as_written(origin: str, resolved: str, written: str) -> str:
     return written + origin[len(resolved):] if origin.startswith(resolved) else origin
 
 
-
-def stratified_split(
-    labels: np.ndarray, cfg: Prepare, seed: int
-) -> dict[str, np.ndarray]:
-    """Seeded per-class shuffle; each class contributes round(n * fraction) to validation/test
-    (at least one each) so every split sees every class."""
-    rng = np.random.default_rng(seed)
-    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-    for cls in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == cls))
-        n = len(idx)
-        n_val = max(1, round(n * cfg.validation_fraction))
-        n_test = max(1, round(n * cfg.test_fraction))
-        parts["validation"].append(idx[:n_val])
-        parts["test"].append(idx[n_val : n_val + n_test])
-        parts["train"].append(idx[n_val + n_test :])
-    return {s: np.sort(np.concatenate(p)) for s, p in parts.items()}
-
-
 def run(params: Params) -> dict:
     cfg = params.prepare
     reader = Reader("prepare.source", cfg.format, cfg.text_column, cfg.label_column,
@@ -475,19 +371,50 @@ def _prepare(params: Params, source: str, fmt: str, read: Rows, stream: Iterator
     for examples in (tally.examples, tally.skipped_examples):
         for reason, origins in examples.items():
             examples[reason] = [as_written(o, source, cfg.source) for o in origins]
+    counts, too_small = _drop_rare_classes(cleaned, kept, cfg)
+    _refuse_what_cannot_be_split(tally, counts, too_small, cfg)
+    label_names = sorted(counts)
+    label_to_id = {name: i for i, name in enumerate(label_names)}
+    id_of_code = np.array([label_to_id.get(name, -1) for name in cleaned.classes],
+                          dtype=np.int64)
+    ids = id_of_code[cleaned.codes]  # label id per row (-1: a dropped rare class)
+    kept_rows = np.flatnonzero(kept)
+    split_idx = stratified_split(ids[kept_rows], cfg, params.seed)
+    split_of = np.full(cleaned.n, -1, dtype=np.int8)
+    for code, split in enumerate(SPLITS):
+        split_of[kept_rows[split_idx[split]]] = code
+    report = _report(cleaned, kept_rows, split_idx, ids, label_names, too_small, spill, cfg,
+                     source, fmt)
+    with atomic_dir(params.paths.data, params, "prepare") as out:
+        _write_splits(out, spill, split_of, ids, label_names)
+        write_prepared(out, {}, label_names, report)  # the splits are written: the rest
+    _print_summary(report, too_small, cfg)
+    return report
 
+
+def _drop_rare_classes(cleaned: _Cleaned, kept: np.ndarray, cfg: Prepare
+                       ) -> tuple[dict[str, int], dict[str, int]]:
+    """Examples per class among the `kept` rows, and the classes too small to appear in every
+    split (usually a typo'd label, "sprot"); with `on_bad_rows: skip` those are dropped from
+    `kept` (in place) and counted."""
     def class_counts() -> dict[str, int]:
         counts = np.bincount(cleaned.codes[kept], minlength=len(cleaned.classes))
         return {name: int(n) for name, n in zip(cleaned.classes, counts, strict=True) if n}
 
     counts = class_counts()
-    # A class too small to appear in every split is usually a typo'd label ("sprot").
     too_small = {name: n for name, n in sorted(counts.items()) if n < len(SPLITS)}
     if too_small and cfg.on_bad_rows == "skip":
-        tally.drop("rare_class", f"classes {too_small}", sum(too_small.values()))
+        cleaned.tally.drop("rare_class", f"classes {too_small}", sum(too_small.values()))
         rare = [code for code, name in enumerate(cleaned.classes) if name in too_small]
         kept &= ~np.isin(cleaned.codes, rare)
         counts = class_counts()
+    return counts, too_small
+
+
+def _refuse_what_cannot_be_split(tally: Rows, counts: dict[str, int],
+                                 too_small: dict[str, int], cfg: Prepare) -> None:
+    """Bad rows or too small classes with `on_bad_rows: error`, or fewer than 2 classes left:
+    one StageError that says what and how to fix it."""
     bad = {r: n for r, n in tally.dropped.items() if r in BAD_ROW_REASONS}
     if cfg.on_bad_rows == "error" and (bad or too_small):
         problems = describe_drops(tally, BAD_ROW_REASONS)
@@ -506,17 +433,13 @@ def _prepare(params: Params, source: str, fmt: str, read: Rows, stream: Iterator
             + (f" (dropped {describe_drops(tally)})" if tally.dropped else "")
         )
 
-    label_names = sorted(counts)
-    label_to_id = {name: i for i, name in enumerate(label_names)}
-    id_of_code = np.array([label_to_id.get(name, -1) for name in cleaned.classes],
-                          dtype=np.int64)
-    ids = id_of_code[cleaned.codes]  # label id per row (-1: a dropped rare class)
-    kept_rows = np.flatnonzero(kept)
-    split_idx = stratified_split(ids[kept_rows], cfg, params.seed)
-    split_of = np.full(cleaned.n, -1, dtype=np.int8)
-    for code, split in enumerate(SPLITS):
-        split_of[kept_rows[split_idx[split]]] = code
 
+def _report(cleaned: _Cleaned, kept_rows: np.ndarray, split_idx: dict[str, np.ndarray],
+            ids: np.ndarray, label_names: list[str], too_small: dict[str, int], spill: Path,
+            cfg: Prepare, source: str, fmt: str) -> dict:
+    """report.json: what was read, kept and dropped, the classes, text lengths, outliers and
+    the splits."""
+    tally = cleaned.tally
     lengths = cleaned.lengths[kept_rows]
     outliers, truncated = long_texts(cleaned, kept_rows, spill, cfg, source)
     report = {
@@ -547,18 +470,20 @@ def _prepare(params: Params, source: str, fmt: str, read: Rows, stream: Iterator
             "per_class": {name: int(n) for name, n in zip(label_names, per_class, strict=True)
                           if n},
         }
-    with atomic_dir(params.paths.data, params, "prepare") as out:
-        _write_splits(out, spill, split_of, ids, label_names)
-        write_prepared(out, {}, label_names, report)  # the splits are written: the rest
+    return report
+
+
+def _print_summary(report: dict, too_small: dict[str, int], cfg: Prepare) -> None:
     sizes = {s: report["splits"][s]["examples"] for s in SPLITS}
-    print(f"prepare: kept {len(kept_rows)} of {report['rows_read']} rows, dropped "
+    print(f"prepare: kept {report['rows_kept']} of {report['rows_read']} rows, dropped "
           f"{report['dropped']}, splits {sizes}")
     if too_small and cfg.on_bad_rows == "skip":
         print(f"prepare: dropped classes too small to split: {too_small}")
-    if tally.skipped:
+    if report["skipped"]:
         print(f"prepare: not read from the source folder: {report['skipped']}")
-    if tally.label_merges:
-        print(f"prepare: label spellings merged: {tally.label_merges}")
+    if report["label_merges"]:
+        print(f"prepare: label spellings merged: {report['label_merges']}")
+    outliers, truncated = report["length_outliers"], report["truncated"]
     if outliers["count"]:
         print(f"prepare: {outliers['count']} text(s) far longer than the rest ({outliers['rule']}"
               f"), the longest: {_described(outliers['longest'])}")
@@ -566,7 +491,6 @@ def _prepare(params: Params, source: str, fmt: str, read: Rows, stream: Iterator
         print(f"prepare: cut {truncated['count']} text(s) longer than prepare.max_chars="
               f"{cfg.max_chars:,} characters at a word boundary, e.g. "
               f"{_described(truncated['examples'])}")
-    return report
 
 
 def main() -> None:

@@ -48,7 +48,7 @@ from components.data.artifacts import TOKENIZER_FILE, iter_split_texts, load_spl
 from components.data.cleaning import cut_at_word
 from components.data.files import atomic_dir, write_json
 from components.models.hub import load_backend_tokenizer
-from components.reporting.tables import markdown_table
+from components.reporting.markdown_tables import markdown_table
 from components.stage import stage_main
 from components.text.batches import ENCODE_BATCH
 from components.text.encoding import configured

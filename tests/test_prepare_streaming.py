@@ -19,8 +19,9 @@ from pandas.testing import assert_frame_equal
 
 from components import prepare
 from components.config import validate
-from components.data import artifacts, rows
+from components.data import artifacts, cleaning, rows
 from components.data.cleaning import cut_at_word
+from components.data.splits import stratified_split
 from components.stage import StageError
 from tests.conftest import make_examples, tiny_raw_params
 
@@ -80,15 +81,15 @@ def reference(params) -> tuple[dict, dict[str, pd.DataFrame]]:
                       examples={k: list(v) for k, v in raw.examples.items()})
     usable, spellings = [], {}
     for text, label, origin in zip(raw.texts, raw.labels, raw.origins, strict=True):
-        problem, text, name = prepare.clean_row(text, label, cfg)
+        problem, text, name = cleaning.clean_row(text, label, cfg)
         if problem:
             tally.drop(problem, origin)
             continue
-        spellings.setdefault(name, set()).add(prepare._label_spelling(label))
+        spellings.setdefault(name, set()).add(cleaning._label_spelling(label))
         usable.append((cut_at_word(text, cfg.max_chars), name, origin, len(text)))
     df = pd.DataFrame(usable, columns=["text", "label_name", "origin", "as_read"])
     if cfg.deduplicate:
-        key = df["text"].map(prepare._normalise_for_dedup)
+        key = df["text"].map(cleaning._normalise_for_dedup)
         conflicting = df.groupby(key)["label_name"].transform("nunique") > 1
         for origin in df.loc[conflicting, "origin"]:
             tally.drop("conflicting_labels", origin)
@@ -104,7 +105,7 @@ def reference(params) -> tuple[dict, dict[str, pd.DataFrame]]:
     names = sorted(df["label_name"].unique())
     df = df.assign(label=df["label_name"].map({n: i for i, n in enumerate(names)})
                    .astype("int64")).reset_index(drop=True)
-    split_idx = prepare.stratified_split(df["label"].to_numpy(), cfg, params.seed)
+    split_idx = stratified_split(df["label"].to_numpy(), cfg, params.seed)
     splits = {s: df.iloc[idx][["text", "label", "label_name"]].reset_index(drop=True)
               for s, idx in split_idx.items()}
     lengths = df["text"].str.len()

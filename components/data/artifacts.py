@@ -404,7 +404,6 @@ def load_source_manifest(paths: Paths) -> dict | None:
     return read_json(path) if path.is_file() else None
 
 
-
 # --------------------------------------------------------------------------- static INT8
 
 

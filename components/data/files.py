@@ -2,7 +2,6 @@
 resolved params beside each artifact, JSON, sizes, and safe reading: `reading` turns a damaged
 file into one StageError naming it and the fix."""
 
-
 from __future__ import annotations
 
 import contextlib

@@ -6,7 +6,6 @@ could not even be read and of folder entries not read, by reason with a few orig
 the wording of that tally (`describe_drops`, `describe_skips`). The readers themselves are in
 `components.data.readers`; what counts as a usable text in `components.data.cleaning`."""
 
-
 from __future__ import annotations
 
 from collections import Counter
@@ -95,7 +94,6 @@ def _remember(examples: dict[str, list[str]], reason: str, origin: str) -> None:
     seen = examples.setdefault(reason, [])
     if len(seen) < EXAMPLES_PER_REASON:
         seen.append(origin)
-
 
 
 def _describe(counts: Counter, examples: dict[str, list[str]],

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from components.reporting.plots import place_labels, pyplot
-from components.reporting.tables import _table
 
 # ------------------------------------------------------------------ across DVC experiments
 
@@ -101,7 +100,7 @@ def write_experiments_report(repo: str | Path, out_dir: str | Path,
                ("size_mb", "MB", ".1f")] + [(k, k, "") for k in differing]
     md = [f"# {len(table)} experiments ({system})", "",
           "Choose on the validation columns; the test columns are for reporting the choice "
-          "once.", ""] + _table(table, columns)
+          "once.", ""] + table(table, columns)
     (out / "experiments.md").write_text("\n".join(md) + "\n")
     (out / "experiments.json").write_text(json.dumps(table, indent=2) + "\n")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from components.config import Params
-from components.reporting.tables import markdown_table
+from components.reporting.markdown_tables import markdown_table
 from components.serving.bundle import (
     LABELS,
     MANIFEST,

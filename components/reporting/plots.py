@@ -181,7 +181,6 @@ def confusion(labels: np.ndarray, preds: np.ndarray, names: list[str], title: st
     }
 
 
-
 def plot_systems(points: list[dict], path: Path) -> None:
     """Test accuracy (95% interval) vs end-to-end throughput of every system."""
     plt = pyplot()
@@ -200,7 +199,6 @@ def plot_systems(points: list[dict], path: Path) -> None:
     place_labels(ax, [label_point(p, "throughput_per_s") for p in points], 9)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
 
 
 def plot_cascade(val_points: list[dict], points: list[dict], chosen: dict | None, target: float,

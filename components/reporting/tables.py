@@ -1,36 +1,11 @@
 """The evaluation report in Markdown: systems with intervals, speed ratios against the best teacher
-runtime, the validation-chosen cascade, fronts and noise (`markdown`), and `markdown_table` for
-the flows' artifacts and the model card."""
+runtime, the validation-chosen cascade, fronts and noise (`markdown`)."""
 
 from __future__ import annotations
 
+from components.reporting.markdown_tables import table
+
 REPORT_MD = "report.md"
-
-
-def _cell(value, spec: str) -> str:
-    if value is None:
-        return "-"
-    if spec == "auto":  # numbers to 4 significant digits, anything else as it is
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
-    return format(value, spec) if spec else str(value)
-
-
-def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> list[str]:
-    """Markdown table lines; columns are (key, header, format spec or "auto")."""
-    out = ["| " + " | ".join(h for _, h, _ in columns) + " |",
-           "|" + "|".join("---" for _ in columns) + "|"]
-    for row in rows:
-        out.append("| " + " | ".join(_cell(row.get(key), spec) for key, _, spec in columns)
-                   + " |")
-    return out
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """A Markdown table of `rows` with every key as a column (the flows' artifacts)."""
-    if not rows:
-        return "_no rows_"
-    keys = dict.fromkeys(k for r in rows for k in r)
-    return "\n".join(_table(rows, [(k, k, "auto") for k in keys]))
 
 
 def _ci(v: list[float] | None, spec: str = ".4f") -> str:
@@ -125,9 +100,9 @@ def markdown(metrics: dict) -> str:
              "from the caches);",
              "- *deployed path*: the bundle's own code (`still predict`), text in, label out, "
              "timed as it runs.", ""]
-    lines += _table(_system_rows(metrics), SYSTEM_COLUMNS) + [""]
+    lines += table(_system_rows(metrics), SYSTEM_COLUMNS) + [""]
     lines += ["## Speed of each student against the teacher", ""]
-    lines += _table(_speed_rows(metrics), [
+    lines += table(_speed_rows(metrics), [
         ("system", "student system", ""),
         ("vs_best", f"end-to-end vs {best}", ".2f"),
         ("model_vs_best", f"model time vs {best}", ".2f"),
@@ -177,7 +152,7 @@ def markdown(metrics: dict) -> str:
     best_student = metrics.get("best_student")
     if best_student:
         lines += ["", f"## Per-class F1: {best_student['system']}", ""]
-        lines += _table([{"class": k, **v} for k, v in best_student["per_class"].items()],
+        lines += table([{"class": k, **v} for k, v in best_student["per_class"].items()],
                         [("class", "class", ""), ("precision", "precision", ".3f"),
                          ("recall", "recall", ".3f"), ("f1", "F1", ".3f"),
                          ("support", "support", "")])

@@ -71,7 +71,6 @@ def best_effort(stage: str, kept: str) -> Iterator[None]:
         print(f"{stage}: warning: W&B logging failed ({type(err).__name__}: {err}); {kept}")
 
 
-
 def _flat(prefix: str, d: dict) -> dict:
     """Numbers (and [low, high] intervals as _low/_high) of a nested dict, with `/` keys."""
     out = {}

@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from components.reporting.tables import markdown_table
+from components.reporting.markdown_tables import markdown_table
 from flows import dvc_ops as dvc
 from flows import tasks
 

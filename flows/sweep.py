@@ -26,7 +26,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from components.reporting.tables import markdown_table
+from components.reporting.markdown_tables import markdown_table
 from flows import tasks
 
 ARTIFACT_KEY = "still-sweep"

@@ -19,7 +19,7 @@ from pandas.testing import assert_frame_equal
 
 from components import prepare
 from components.config import validate
-from components.data import artifacts, cleaning, rows
+from components.data import artifacts, cleaning, readers, rows
 from components.data.cleaning import cut_at_word
 from components.data.splits import stratified_split
 from components.stage import StageError
@@ -76,7 +76,7 @@ def reference(params) -> tuple[dict, dict[str, pd.DataFrame]]:
     groupby on the normalised text."""
     cfg = params.prepare
     reader = rows.Reader("prepare.source", cfg.format, cfg.text_column, cfg.label_column)
-    _, fmt, raw = rows.read_source(cfg.source, reader)
+    _, fmt, raw = readers.read_source(cfg.source, reader)
     tally = rows.Rows(dropped=Counter(raw.dropped),
                       examples={k: list(v) for k, v in raw.examples.items()})
     usable, spellings = [], {}
@@ -277,7 +277,7 @@ def test_hf_datasets_are_read_in_batches_with_their_class_names(monkeypatch):
     fake = types.ModuleType("datasets")
     fake.load_dataset = lambda name, split: Dataset()
     monkeypatch.setitem(sys.modules, "datasets", fake)
-    got = rows.load_rows("hf:some/set", "hf", rows.Reader("prepare.source", batch_rows=2))
+    got = readers.load_rows("hf:some/set", "hf", rows.Reader("prepare.source", batch_rows=2))
     assert got.texts == Dataset.texts
     assert got.labels == ["neg", "pos", "pos", "neg", "pos"]
     assert got.origins == [f"hf:some/set[train]:{i}" for i in range(5)]

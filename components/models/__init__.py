@@ -1,3 +1,3 @@
-"""Model definitions shared by the stages that train, export and evaluate them (the student, its
-token merging, the teacher adapter). Not stages: no stage imports another stage, they meet here
-and in `components.data.artifacts`."""
+"""The models the stages train, export and evaluate: the student (`student`) and its token merging
+(`merging`), the teacher adapter (`teacher`) and hub references (`hub`), the distillation losses
+(`losses`) and the runners that time and check them (`runtimes`)."""

@@ -499,6 +499,6 @@ def test_still_debug_shows_the_full_traceback(tmp_path):
     assert "Traceback (most recent call last)" in proc.stderr
     assert "\nFileNotFoundError: " in proc.stderr  # the cause, with its own traceback
     assert proc.stderr.rstrip().splitlines()[-1].startswith(
-        "components.common.StageError: prepare.source=")
+        "components.stage.StageError: prepare.source=")
     assert not (folder / "data").exists()
 

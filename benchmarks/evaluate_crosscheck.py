@@ -6,7 +6,7 @@ own ONNX Runtime sessions (intra-op threads = `evaluate.num_threads`, inter-op 1
 spinning off as everywhere in still) and times, at `evaluate.throughput_batch_size`,
 round-robin over `--rounds` rounds (median kept):
 - *model time*: padded arrays in, logits out;
-- *end to end*: text in, logits out, each batch tokenised (`graphio.Encoder`, the one encoder
+- *end to end*: text in, logits out, each batch tokenised (`encoding.Encoder`, the one encoder
   every part of still uses, pre-cut included) and run in turn, as a caller does. evaluate
   instead times tokenisation per encoder in its own loop and adds the model time: if that sum
   hides an interaction between tokenising and running (a thread pool still spinning), the two

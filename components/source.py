@@ -66,7 +66,7 @@ def _hidden(parts: tuple[str, ...] | list[str]) -> bool:
 
 def local_files(root: Path) -> list[tuple[str, Path]]:
     """(relative posix name, path) of the files prepare may read under `root` (or `root` itself
-    when it is a file): `common.walk_local`, the same walk prepare's folder reader uses."""
+    when it is a file): `locations.walk_local`, the same walk prepare's folder reader uses."""
     if root.is_file():
         return [(root.name, root)]
     return walk_local(root).files

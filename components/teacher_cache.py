@@ -15,7 +15,7 @@ the caching across processes, and the cache is the same whatever their number.
 
 The windows are what TinyBERT-style augmentation adds: the default articles are about four
 times longer than the 128 tokens a model reads, so each training text is sliced into word
-windows (`textdata.text_windows`) that the teacher labels here, once, for any number of
+windows (`batches.text_windows`) that the teacher labels here, once, for any number of
 students. A separate stage from `teacher`, so that changing the windows never fine-tunes the
 teacher again.
 
@@ -59,7 +59,7 @@ WINDOWS_SCHEMA = pa.schema([("text", pa.string()), ("source", pa.int64()),
 
 
 def write_windows(params: Params, train_labels: np.ndarray, path: Path) -> None:
-    """The training windows (`textdata.text_windows`) into `path`, batch by batch: text, the
+    """The training windows (`batches.text_windows`) into `path`, batch by batch: text, the
     row of the train split it comes from, that row's label."""
     win, row = params.distill.windows, 0
     with pq.ParquetWriter(path, WINDOWS_SCHEMA) as writer:

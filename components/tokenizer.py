@@ -11,7 +11,7 @@ The cost curve trains one more tokenizer of the configured type per curve size (
 `vocab_size`, when listed, is reused) and measures each on validation text: mean tokens per
 example untruncated, and the mean number of source characters the model sees, i.e. what the
 first `distill.max_length` tokens span once [CLS]/[SEP] take their places, truncated exactly as
-the models truncate (`graphio.configured`). The teacher's tokenizer is measured at the same
+the models truncate (`encoding.configured`). The teacher's tokenizer is measured at the same
 length, so a vocabulary size can be picked by how much text it fits into the student's window.
 
 The tokenizers see only the train split; metrics are measured on held-out validation text.

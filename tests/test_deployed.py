@@ -43,7 +43,7 @@ def test_streamed_cascade_answers_what_batch_by_batch_prediction_answers(trained
 
 def test_the_tokenizers_pool_takes_the_pinned_size():
     """RAYON_NUM_THREADS, set before the first parallel `tokenizers` call
-    (graphio.pin_tokenizer_threads), sizes the pool it trains and encodes on: the process holds
+    (encoding.pin_tokenizer_threads), sizes the pool it trains and encodes on: the process holds
     3 more threads with 4 pinned than with 1."""
     code = """
 import os, sys, threading

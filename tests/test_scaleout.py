@@ -4,7 +4,7 @@
   (`torch.distributed.run.get_args_parser`), Prefect's CLI (cyclopts `parse_args`, nothing run),
   DVC's (`dvc.cli.parse_args`) and `still` (its `validate`, which loads params.yaml with the
   overrides); each shell block passes `bash -n`.
-- The trainer values the section tells users to put in params.yaml pass components/config.py
+- The trainer values the section tells users to put in params.yaml pass components/config/
   and agree with the launchers: torchrun's `--nnodes`/`--nproc-per-node` and
   slurm/stage.sbatch's `--nodes`/`--ntasks-per-node`/`--gpus-per-node` (Lightning refuses to
   start otherwise); the modules launched are this project's stages, as dvc.yaml runs them.

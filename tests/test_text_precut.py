@@ -1,4 +1,4 @@
-"""The pre-cut (`graphio.Encoder`): tokenising only the prefix of a text that the model reads
+"""The pre-cut (`encoding.Encoder`): tokenising only the prefix of a text that the model reads
 gives exactly the ids of the whole text truncated at `max_length`, for every tokenizer kind the
 pipeline uses (byte-level BPE, WordPiece, Unigram: the domain tokenizer's three types, trained
 here on the default data as the tokenizer stage trains them) and the default teacher's own

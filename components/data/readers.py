@@ -198,7 +198,7 @@ def _source_problem(written: str, resolved: str, fmt: str, cfg: Reader,
 @contextlib.contextmanager
 def _open(source: str, cfg: Reader, sequential: bool = True) -> Iterator[BinaryIO]:
     """`source` open for binary reading, decompressed as its suffix says. A remote one goes
-    through `common.RemoteWaits` (each wait bounded by `cfg.timeout_s` and said; streamed over
+    through `locations.RemoteWaits` (each wait bounded by `cfg.timeout_s` and said; streamed over
     HTTP when `sequential`, i.e. read from start to end, never seeked)."""
     import fsspec
     from fsspec.compression import compr
@@ -416,7 +416,7 @@ def _load_folder(source: str, fmt: str, cfg: Reader, rows: Rows) -> Iterator[Row
     file by file.
 
     The walk never leaves the source folder and never reads hidden entries
-    (`common.walk_local`); folders named `_name` at the top (e.g. `__pycache__` in a packaged
+    (`locations.walk_local`); folders named `_name` at the top (e.g. `__pycache__` in a packaged
     dataset) and files outside any class folder are not classes. Every entry left out is
     counted by reason (FOLDER_SKIP_REASONS) in report.json `skipped`."""
     from fsspec.implementations.local import LocalFileSystem

@@ -33,7 +33,7 @@ class Reader:
         batch_rows: how many rows of a table format (Parquet, a Hugging Face dataset) are
             decoded at a time: what a reader holds in memory besides the current row.
         who: the stage or command reading, in the lines that say what a wait for a remote
-            source waits for (`common.RemoteWaits`).
+            source waits for (`locations.RemoteWaits`).
     """
 
     setting: str
@@ -55,7 +55,7 @@ class Reader:
         return (self.text_column,) + ((self.label_column,) if self.label_column else ())
 
 
-# Entries of a folder source that are not read (never rows): common.SKIP_REASONS plus these.
+# Entries of a folder source that are not read (never rows): locations.SKIP_REASONS plus these.
 FOLDER_SKIP_REASONS = {
     **SKIP_REASONS,
     "private_folder": "a top-level folder named '_name' (e.g. __pycache__), not a class",

@@ -3,7 +3,7 @@ session, pin threads, name the graph's inputs and outputs, and turn text into pa
 
 Every runner has the same signature, `run(input_ids, attention_mask) -> logits` (int64 torch
 tensors in, float numpy logits out), so a timing loop treats PyTorch, ONNX Runtime and TensorRT
-alike. `TextEncoder` is the shared `graphio.Encoder` (a tokenizer configured once, the pre-cut)
+alike. `TextEncoder` is the shared `encoding.Encoder` (a tokenizer configured once, the pre-cut)
 with torch batches: nothing is rebuilt per call, so a timed call measures tokenisation and
 nothing else.
 """
@@ -69,7 +69,7 @@ def torch_runner(model: torch.nn.Module) -> Runner:
 
 
 class TextEncoder(Encoder):
-    """`graphio.Encoder` (one tokenizer configured once, the pre-cut, truncation, padding) with
+    """`encoding.Encoder` (one tokenizer configured once, the pre-cut, truncation, padding) with
     batches as int64 torch tensors, what every runner here takes."""
 
     def batch(self, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:

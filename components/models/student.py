@@ -14,7 +14,7 @@ into their most similar partners using the attention keys (`components.models.me
 Every slot carries a size (how many input tokens it stands for): attention adds log(size) to
 its logits (proportional attention) and mean pooling weights by size. A merging model needs
 at least `min_tokens()` positions; callers pad short batches up to it
-(`textdata.pad_batch(..., min_length=...)`), and padded positions never change real tokens.
+(`tensors.pad_batch(..., min_length=...)`), and padded positions never change real tokens.
 """
 
 from __future__ import annotations

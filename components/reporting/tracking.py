@@ -3,7 +3,7 @@
 The mode comes from the `WANDB_MODE` environment variable when set, else `tracking.mode` in
 params.yaml (default `offline`: runs are written under `artifacts/wandb` and can be uploaded later
 with `wandb sync`). Every run gets the resolved params as its config, with secrets redacted
-(`components.common.redact`: secret-looking keys at any depth, passwords and tokens inside
+(`components.config.redaction.redact`: secret-looking keys at any depth, passwords and tokens inside
 URLs). The W&B API key is left to W&B itself (`WANDB_API_KEY` / `wandb login`): this module
 never reads it, so it cannot end up in a config.
 """

@@ -77,7 +77,7 @@ class TokenIds(Sequence):
 def encode_batches(tokenizer: Tokenizer, texts: Iterable[Sequence[str]],
                    max_length: int) -> TokenIds:
     """Token ids of texts that arrive in batches (e.g. a Parquet split read batch by batch),
-    truncated at `max_length` through the one `graphio.Encoder` (pre-cut included): memory
+    truncated at `max_length` through the one `encoding.Encoder` (pre-cut included): memory
     holds the ids, never all the texts or their Encodings."""
     encoder = Encoder(tokenizer, max_length)  # one configured copy for the whole stream
     arrays: list[np.ndarray] = []

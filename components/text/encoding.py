@@ -3,7 +3,7 @@ text encoder (truncation at `max_length`, tokenising only the part of a text the
 right padding to the batch's longest sequence and the ONNX Runtime session options with pinned
 threads.
 
-Training, teacher caching, export, evaluation (`textdata`, `runtimes`, which add torch on top)
+Training, teacher caching, export, evaluation (`text.batches`, `runtimes`, which add torch on top)
 and the shipped bundle (`bundle`, which must not need torch) encode through the one `Encoder`
 here, so a bundle feeds its graph exactly what evaluate measured.
 

@@ -16,7 +16,7 @@ from components.text.encoding import pad_arrays
 
 def pad_batch(ids: Sequence[Sequence[int]], pad: int,
               min_length: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """`graphio.pad_arrays` as torch tensors: int64 ids and attention mask."""
+    """`encoding.pad_arrays` as torch tensors: int64 ids and attention mask."""
     input_ids, mask = pad_arrays(ids, pad, min_length)
     return torch.from_numpy(input_ids), torch.from_numpy(mask)
 

@@ -175,7 +175,7 @@ def params_hash(params: Params, stage: str, epochs: int, module: nn.Module | Non
     for split in ("train", "val"):
         dataset = getattr(data, split, None)
         if hasattr(dataset, "ids") and hasattr(dataset, "labels"):
-            if hasattr(dataset.ids, "digest"):  # textdata.TokenIds
+            if hasattr(dataset.ids, "digest"):  # batches.TokenIds
                 dataset.ids.digest(h)
             else:
                 h.update(json.dumps([list(map(int, x)) for x in dataset.ids]).encode())

@@ -46,13 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from components import export, label
-from components.config import (
-    apply_overrides,
-    load_params,
-    parse_override,
-    stage_params,
-    validate,
-)
+from components.config import apply_overrides, load_params, parse_override, stage_params, validate
 from components.config.redaction import redact
 from components.data.artifacts import (
     OUTPUTS_INDEX,

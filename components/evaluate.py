@@ -57,17 +57,12 @@ Both are logged to W&B after they are written; a W&B failure is a warning, not a
 Run: `python -m components.evaluate` (or `dvc repro evaluate`).
 """
 
-
 from __future__ import annotations
 
 from pathlib import Path
 
 from components.config import Params
-from components.data.artifacts import (
-    QUALITY_FILE,
-    load_label_names,
-    load_split,
-)
+from components.data.artifacts import QUALITY_FILE, load_label_names, load_split
 from components.data.files import atomic_dir, write_json
 from components.evaluation.cascade_choice import add_cascade, cost_cascade, run_cascade
 from components.evaluation.selection import (
@@ -87,9 +82,7 @@ from components.evaluation.systems import (
     predict_split,
 )
 from components.evaluation.timing import environment, measure_time
-from components.models.runtimes import (
-    pin_torch_threads,
-)
+from components.models.runtimes import pin_torch_threads
 from components.reporting import tracking
 from components.reporting.console import print_cascade, print_headline, print_systems
 from components.reporting.results import write_results

@@ -50,7 +50,6 @@ against ONNX Runtime on the parity batches. Without a GPU or TensorRT, `metrics.
 Run: `python -m components.export` (or `dvc repro export`).
 """
 
-
 from __future__ import annotations
 
 import torch

@@ -60,7 +60,6 @@ row group per `BATCH_ROWS` rows). The spill is removed when the stage ends, howe
 Run: `python -m components.prepare` (or `dvc repro prepare`).
 """
 
-
 from __future__ import annotations
 
 import contextlib
@@ -86,13 +85,7 @@ from components.data.cleaning import (
 )
 from components.data.files import atomic_dir
 from components.data.readers import READ_BUFFER, stream_source
-from components.data.rows import (
-    EXAMPLES_PER_REASON,
-    Reader,
-    Row,
-    Rows,
-    describe_drops,
-)
+from components.data.rows import EXAMPLES_PER_REASON, Reader, Row, Rows, describe_drops
 from components.data.splits import stratified_split
 from components.stage import StageError, stage_main
 

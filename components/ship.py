@@ -18,7 +18,6 @@ the `student` model artifact.
     still predict --bundle artifacts/bundle "some text"
 """
 
-
 from __future__ import annotations
 
 import shutil

@@ -9,9 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import (
-    ValidationError,
-)
+from pydantic import ValidationError
 
 from components.config.paths import PATHS_REFUSED, checked_paths, input_problems
 from components.config.schema import Params, ParamsError, Paths

@@ -5,19 +5,11 @@
 message names each offending key, so a user fixes params.yaml in one pass.
 """
 
-
 from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # The smallest prepare.max_chars: a few pages of text, more than any model here reads of a text
 # (its max_length tokens, or the distill windows' first few hundred words).

@@ -24,13 +24,7 @@ from components.data.locations import (
     resolve_location,
     walk_local,
 )
-from components.data.rows import (
-    Reader,
-    Row,
-    Rows,
-    describe_drops,
-    describe_skips,
-)
+from components.data.rows import Reader, Row, Rows, describe_drops, describe_skips
 from components.stage import StageError
 
 _SUFFIX_FORMATS = {

@@ -12,9 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from components.data.artifacts import BATCH_ROWS
-from components.data.locations import (
-    SKIP_REASONS,
-)
+from components.data.locations import SKIP_REASONS
 
 
 @dataclass(frozen=True)

@@ -38,13 +38,7 @@ from components.data.artifacts import (
 )
 from components.data.files import atomic_dir, reading, write_json
 from components.models.losses import DistillationLoss, FeatureDistillationLoss
-from components.models.student import (
-    Student,
-    StudentConfig,
-    from_teacher,
-    save,
-    spread_layers,
-)
+from components.models.student import Student, StudentConfig, from_teacher, save, spread_layers
 from components.stage import StageError, stage_main
 from components.text.batches import Stacked, TokenIds, encode_batches
 from components.text.encoding import pad_id

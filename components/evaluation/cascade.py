@@ -18,7 +18,6 @@ Given the student's and the teacher's logits on one split and their measured cos
   the choice depends on predictions only, never on this machine's timings.
 """
 
-
 from __future__ import annotations
 
 import numpy as np

@@ -26,13 +26,7 @@ from components.data.files import file_size, read_json
 from components.evaluation.flops import encoder_flops
 from components.exporting.trt import engines, graphs
 from components.models import student as student_io
-from components.models.runtimes import (
-    Runner,
-    TextEncoder,
-    onnx_runner,
-    ort_session,
-    torch_runner,
-)
+from components.models.runtimes import Runner, TextEncoder, onnx_runner, ort_session, torch_runner
 from components.models.teacher import load_saved
 from components.serving.bundle import Graph, Predictor
 from components.stage import StageError

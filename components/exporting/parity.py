@@ -9,10 +9,7 @@ import numpy as np
 import torch
 
 from components.config import Params
-from components.data.artifacts import (
-    load_split,
-    split_head,
-)
+from components.data.artifacts import load_split, split_head
 from components.models.runtimes import TextEncoder
 from components.stage import StageError
 from components.text.encoding import OUTPUTS

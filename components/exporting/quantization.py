@@ -14,9 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from components.config import QUANTIZABLE_OPS, Params, StaticInt8
-from components.data.artifacts import (
-    split_head,
-)
+from components.data.artifacts import split_head
 from components.models.runtimes import TextEncoder
 from components.stage import StageError
 from components.text.encoding import INPUTS

@@ -9,13 +9,7 @@ from typing import Any
 
 from components.config import Params
 from components.reporting.markdown_tables import markdown_table
-from components.serving.bundle import (
-    LABELS,
-    MANIFEST,
-    MODEL_FILES,
-    PARETO_PNG,
-    SHIPPED_STUDENTS,
-)
+from components.serving.bundle import LABELS, MANIFEST, MODEL_FILES, PARETO_PNG, SHIPPED_STUDENTS
 
 # ---------------------------------------------------------------------------- model card
 

@@ -5,7 +5,6 @@ Pareto front (maximise accuracy, and throughput or minimise size/latency): a poi
 when no other point is at least as good on both axes and strictly better on one.
 """
 
-
 from __future__ import annotations
 
 import math

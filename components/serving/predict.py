@@ -14,7 +14,6 @@ row, before any output appears. The progress bar counts rows and rows/s without 
 number of rows of a csv or jsonl file is only known once it is read).
 """
 
-
 from __future__ import annotations
 
 import json

@@ -9,7 +9,6 @@ padded per batch (`components.text.tensors`), so there is one encoding path for 
 teacher caching, export parity and evaluation.
 """
 
-
 from __future__ import annotations
 
 import hashlib

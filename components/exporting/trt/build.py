@@ -8,9 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from components.config import Params
-from components.data.artifacts import (
-    split_head,
-)
+from components.data.artifacts import split_head
 from components.exporting.trt import engines, graphs
 from components.models.runtimes import ort_session
 from components.stage import StageError

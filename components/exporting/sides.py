@@ -12,18 +12,7 @@ from pathlib import Path
 import torch
 
 from components.config import Params
-from components.data.artifacts import (
-    STUDENT_FP32,
-    STUDENT_INT8,
-    STUDENT_PREPROCESSING,
-    STUDENT_STATIC_INT8,
-    STUDENT_TOKENIZER,
-    TEACHER_FP32,
-    TEACHER_INT8,
-    TEACHER_PREPROCESSING,
-    TEACHER_STATIC_INT8,
-    TEACHER_TOKENIZER,
-)
+from components.data import artifacts
 from components.data.files import reading, write_json
 from components.exporting.onnx_export import export_model
 from components.exporting.parity import heldout_batches
@@ -63,16 +52,16 @@ def student_side(params: Params) -> Side:
     with reading(f"{student_dir} ({student_io.CONFIG_FILE}, {student_io.WEIGHTS_FILE})",
                  "the student model", damaged):
         model = student_io.load(student_dir)
-    with reading(student_dir / STUDENT_TOKENIZER, "the student's tokenizer", damaged):
-        tokenizer = Tokenizer.from_file(str(student_dir / STUDENT_TOKENIZER))
+    with reading(student_dir / artifacts.STUDENT_TOKENIZER, "the student's tokenizer", damaged):
+        tokenizer = Tokenizer.from_file(str(student_dir / artifacts.STUDENT_TOKENIZER))
     sc = model.cfg
     encoder = TextEncoder(tokenizer, params.distill.max_length, sc.min_tokens())
     return Side("student", model, tokenizer, encoder, sc.heads, sc.hidden, sc.min_tokens(),
-                (STUDENT_FP32, STUDENT_INT8, STUDENT_STATIC_INT8), STUDENT_TOKENIZER,
-                STUDENT_PREPROCESSING,
+                (artifacts.STUDENT_FP32, artifacts.STUDENT_INT8, artifacts.STUDENT_STATIC_INT8),
+                artifacts.STUDENT_TOKENIZER, artifacts.STUDENT_PREPROCESSING,
                 preprocessing(tokenizer.to_str(), encoder.pad, params.distill.max_length,
                               sc.min_tokens()),
-                lambda dst: shutil.copyfile(student_dir / STUDENT_TOKENIZER, dst))
+                lambda dst: shutil.copyfile(student_dir / artifacts.STUDENT_TOKENIZER, dst))
 
 
 def teacher_side(params: Params) -> Side:
@@ -82,8 +71,9 @@ def teacher_side(params: Params) -> Side:
     encoder = TextEncoder(tokenizer, params.teacher.max_length)
     tc = teacher.hf.config
     return Side("teacher", teacher, tokenizer, encoder, tc.num_attention_heads, tc.hidden_size,
-                encoder.min_length, (TEACHER_FP32, TEACHER_INT8, TEACHER_STATIC_INT8),
-                TEACHER_TOKENIZER, TEACHER_PREPROCESSING,
+                encoder.min_length,
+                (artifacts.TEACHER_FP32, artifacts.TEACHER_INT8, artifacts.TEACHER_STATIC_INT8),
+                artifacts.TEACHER_TOKENIZER, artifacts.TEACHER_PREPROCESSING,
                 preprocessing(tokenizer.to_str(), pad_id(tokenizer), params.teacher.max_length),
                 lambda dst: tokenizer.save(str(dst)))
 

@@ -69,96 +69,116 @@ def _speed_rows(metrics: dict) -> list[dict]:
 def markdown(metrics: dict) -> str:
     """The evaluation report (also the Prefect artifact): systems with intervals, speed ratios
     against the best teacher runtime, the validation-chosen cascade, fronts, noise."""
+    lines = (_headline_lines(metrics) + table(_system_rows(metrics), SYSTEM_COLUMNS) + [""]
+             + _ratio_lines(metrics) + _noise_and_front_lines(metrics)
+             + _deployed_lines(metrics) + _cascade_lines(metrics) + _per_class_lines(metrics))
+    if metrics.get("tensorrt") not in (None, "evaluated"):
+        lines += ["", f"TensorRT: {metrics['tensorrt']}"]
+    return "\n".join(lines) + "\n"
+
+
+def _headline_lines(metrics: dict) -> list[str]:
+    """The headline, how choices were made, and how each column is timed."""
     best = metrics["best_teacher"]
     h = metrics["headline"]
     u = metrics["uncertainty"]
-    lines = [f"# Evaluation: {metrics['test_examples']} test examples", "",
-             f"**{h['student']}** runs **{h['throughput_vs_best_teacher']:.2f}x** the best teacher "
-             f"runtime (**{best}**) end to end ({h['model_throughput_vs_best_teacher']:.2f}x in "
-             f"model time; {h['throughput_vs_teacher_pytorch']:.2f}x PyTorch eager) at "
-             f"{_pt(h['accuracy_diff'])} pt test accuracy (95% CI "
-             f"{_pt_ci(h['accuracy_diff_ci'])}; McNemar exact p = {h['mcnemar_p']:.3g}"
-             + ("; within noise" if h["within_noise"] else "") + ").", "",
-             "**Chosen on validation, reported on test.** The best teacher runtime is the "
-             "fastest teacher system (end to end) whose validation accuracy lies within the 95% "
-             "interval of the most accurate teacher system's on validation; the headline "
-             "student is chosen the same way among students"
-             + (f" ({metrics.get('validation_examples')} validation examples)"
-                if metrics.get("validation_examples") else "")
-             + ". Test numbers never decide anything. Intervals: "
-             f"{u['method']}, {u['resamples']} resamples, seed {u['seed']}.", "",
-             "**How each column is timed** (threads pinned for every pool: PyTorch and ONNX "
-             "Runtime intra-op at `evaluate.num_threads`, inter-op 1, ONNX Runtime spinning off, "
-             "the tokenizers pool sized once; medians over round-robin rounds):",
-             "- *tokenize ms/ex*: text to padded ids (the pre-cut, the tokenizer, padding), "
-             "timed per encoder in its own loop, never right after a model call, so systems "
-             "sharing a tokenizer show the same figure;",
-             "- *model ex/s*, *p50 ms (model)*: padded tensors in, logits out, batch after batch;",
-             "- *end-to-end ex/s*, *p50/p95 ms (e2e)*: text in, logits out, as it runs (each "
-             "batch tokenised, then run); *interplay ms/ex* is what that costs beyond "
-             "tokenisation alone plus the model alone (each evicts the other's working set "
-             "from the caches);",
-             "- *deployed path*: the bundle's own code (`still predict`), text in, label out, "
-             "timed as it runs.", ""]
-    lines += table(_system_rows(metrics), SYSTEM_COLUMNS) + [""]
-    lines += ["## Speed of each student against the teacher", ""]
+    return [f"# Evaluation: {metrics['test_examples']} test examples", "",
+            f"**{h['student']}** runs **{h['throughput_vs_best_teacher']:.2f}x** the best teacher "
+            f"runtime (**{best}**) end to end ({h['model_throughput_vs_best_teacher']:.2f}x in "
+            f"model time; {h['throughput_vs_teacher_pytorch']:.2f}x PyTorch eager) at "
+            f"{_pt(h['accuracy_diff'])} pt test accuracy (95% CI "
+            f"{_pt_ci(h['accuracy_diff_ci'])}; McNemar exact p = {h['mcnemar_p']:.3g}"
+            + ("; within noise" if h["within_noise"] else "") + ").", "",
+            "**Chosen on validation, reported on test.** The best teacher runtime is the "
+            "fastest teacher system (end to end) whose validation accuracy lies within the 95% "
+            "interval of the most accurate teacher system's on validation; the headline "
+            "student is chosen the same way among students"
+            + (f" ({metrics.get('validation_examples')} validation examples)"
+               if metrics.get("validation_examples") else "")
+            + ". Test numbers never decide anything. Intervals: "
+            f"{u['method']}, {u['resamples']} resamples, seed {u['seed']}.", "",
+            "**How each column is timed** (threads pinned for every pool: PyTorch and ONNX "
+            "Runtime intra-op at `evaluate.num_threads`, inter-op 1, ONNX Runtime spinning off, "
+            "the tokenizers pool sized once; medians over round-robin rounds):",
+            "- *tokenize ms/ex*: text to padded ids (the pre-cut, the tokenizer, padding), "
+            "timed per encoder in its own loop, never right after a model call, so systems "
+            "sharing a tokenizer show the same figure;",
+            "- *model ex/s*, *p50 ms (model)*: padded tensors in, logits out, batch after batch;",
+            "- *end-to-end ex/s*, *p50/p95 ms (e2e)*: text in, logits out, as it runs (each "
+            "batch tokenised, then run); *interplay ms/ex* is what that costs beyond "
+            "tokenisation alone plus the model alone (each evicts the other's working set "
+            "from the caches);",
+            "- *deployed path*: the bundle's own code (`still predict`), text in, label out, "
+            "timed as it runs.", ""]
+
+
+def _ratio_lines(metrics: dict) -> list[str]:
+    best = metrics["best_teacher"]
+    lines = ["## Speed of each student against the teacher", ""]
     lines += table(_speed_rows(metrics), [
         ("system", "student system", ""),
         ("vs_best", f"end-to-end vs {best}", ".2f"),
         ("model_vs_best", f"model time vs {best}", ".2f"),
         ("vs_eager", "end-to-end vs teacher (PyTorch eager)", ".2f")]) + [""]
-    lines += ["## Other ratios", ""] + [
+    return lines + ["## Other ratios", ""] + [
         f"- {k}: {v:.3f}" for k, v in metrics["ratios"].items()
         if not k.endswith(("_vs_best_teacher", "_vs_teacher_pytorch"))]
+
+
+def _noise_and_front_lines(metrics: dict) -> list[str]:
+    best = metrics["best_teacher"]
     noise = [n for n, r in metrics["systems"].items()
              if r.get("vs_best_teacher", {}).get("within_noise")]
-    lines += ["", "## Within noise", "",
-              (f"The accuracy difference from {best} is within noise (its 95% interval contains "
-               f"0) for: {', '.join(noise)}. Rank these on cost, not on accuracy."
-               if noise else f"Every system's accuracy differs from {best} beyond noise.")]
+    lines = ["", "## Within noise", "",
+             (f"The accuracy difference from {best} is within noise (its 95% interval contains "
+              f"0) for: {', '.join(noise)}. Rank these on cost, not on accuracy."
+              if noise else f"Every system's accuracy differs from {best} beyond noise.")]
     fronts = metrics.get("pareto", {})
     if fronts:
         lines += ["", "## Pareto fronts (not dominated on accuracy and cost, point estimates)",
                   ""]
         lines += [f"- accuracy vs {axis}: {', '.join(names)}" for axis, names in fronts.items()]
-    lines += _deployed_lines(metrics)
+    return lines
+
+
+def _cascade_lines(metrics: dict) -> list[str]:
     c = metrics.get("cascade")
-    if c:
-        lines += ["", f"## Cascade: {c['student']} first, {c['teacher']} when {c['confidence']} "
-                  f"confidence < threshold", ""]
-        chosen = c.get("chosen")
-        if chosen:
-            d = chosen["vs_teacher"]
-            measured = (f" Measured as it runs (the bundle's code on the test split): "
-                        f"**{chosen['measured_ms_per_example']:.3f} ms** per example, "
-                        f"**{chosen['measured_speedup_vs_best_teacher']:.2f}x** the best "
-                        f"teacher runtime." if "measured_ms_per_example" in chosen else "")
-            lines.append(
-                f"Threshold **{chosen['threshold']:.2f}**, chosen on the validation split "
-                f"({c['validation_examples']} examples: fewest deferrals reaching "
-                f"{c['target_accuracy']:.4f}, where it scored "
-                f"{chosen['validation_accuracy']:.4f}). On test: accuracy "
-                f"{chosen['accuracy']:.4f} {_ci(chosen['accuracy_ci'])} "
-                f"({_pt(d['accuracy_diff'])} pt vs {c['teacher']}, "
-                f"{_pt_ci(d['accuracy_diff_ci'])}), "
-                f"{100 * chosen['deferred_fraction']:.1f}% deferred. Cost model: "
-                f"{chosen['expected_ms_per_example']:.3f} ms per example "
-                f"({chosen['speedup_vs_teacher']:.2f}x faster than {c['teacher']} alone, "
-                f"{chosen['speedup_vs_best_teacher']:.2f}x the best teacher runtime "
-                f"{metrics['best_teacher']}).{measured} Cost: {c['cost']}.")
-        else:
-            lines.append(f"No threshold reaches the target accuracy {c['target_accuracy']:.4f} "
-                         "on the validation split.")
+    if not c:
+        return []
+    lines = ["", f"## Cascade: {c['student']} first, {c['teacher']} when {c['confidence']} "
+             f"confidence < threshold", ""]
+    chosen = c.get("chosen")
+    if not chosen:
+        return lines + [f"No threshold reaches the target accuracy {c['target_accuracy']:.4f} "
+                        "on the validation split."]
+    d = chosen["vs_teacher"]
+    measured = (f" Measured as it runs (the bundle's code on the test split): "
+                f"**{chosen['measured_ms_per_example']:.3f} ms** per example, "
+                f"**{chosen['measured_speedup_vs_best_teacher']:.2f}x** the best "
+                f"teacher runtime." if "measured_ms_per_example" in chosen else "")
+    return lines + [
+        f"Threshold **{chosen['threshold']:.2f}**, chosen on the validation split "
+        f"({c['validation_examples']} examples: fewest deferrals reaching "
+        f"{c['target_accuracy']:.4f}, where it scored "
+        f"{chosen['validation_accuracy']:.4f}). On test: accuracy "
+        f"{chosen['accuracy']:.4f} {_ci(chosen['accuracy_ci'])} "
+        f"({_pt(d['accuracy_diff'])} pt vs {c['teacher']}, "
+        f"{_pt_ci(d['accuracy_diff_ci'])}), "
+        f"{100 * chosen['deferred_fraction']:.1f}% deferred. Cost model: "
+        f"{chosen['expected_ms_per_example']:.3f} ms per example "
+        f"({chosen['speedup_vs_teacher']:.2f}x faster than {c['teacher']} alone, "
+        f"{chosen['speedup_vs_best_teacher']:.2f}x the best teacher runtime "
+        f"{metrics['best_teacher']}).{measured} Cost: {c['cost']}."]
+
+
+def _per_class_lines(metrics: dict) -> list[str]:
     best_student = metrics.get("best_student")
-    if best_student:
-        lines += ["", f"## Per-class F1: {best_student['system']}", ""]
-        lines += table([{"class": k, **v} for k, v in best_student["per_class"].items()],
-                        [("class", "class", ""), ("precision", "precision", ".3f"),
-                         ("recall", "recall", ".3f"), ("f1", "F1", ".3f"),
-                         ("support", "support", "")])
-    if metrics.get("tensorrt") not in (None, "evaluated"):
-        lines += ["", f"TensorRT: {metrics['tensorrt']}"]
-    return "\n".join(lines) + "\n"
+    if not best_student:
+        return []
+    return ["", f"## Per-class F1: {best_student['system']}", ""] + table(
+        [{"class": k, **v} for k, v in best_student["per_class"].items()],
+        [("class", "class", ""), ("precision", "precision", ".3f"),
+         ("recall", "recall", ".3f"), ("f1", "F1", ".3f"), ("support", "support", "")])
 
 
 def _deployed_lines(metrics: dict) -> list[str]:

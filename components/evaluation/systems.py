@@ -11,17 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from components.config import Params
-from components.data.artifacts import (
-    EXPORTED_GRAPHS,
-    STUDENT_FP32,
-    STUDENT_INT8,
-    STUDENT_STATIC_INT8,
-    STUDENT_TOKENIZER,
-    TEACHER_FP32,
-    TEACHER_INT8,
-    TEACHER_STATIC_INT8,
-    TEACHER_TOKENIZER,
-)
+from components.data import artifacts
 from components.data.files import file_size, read_json
 from components.evaluation.flops import encoder_flops
 from components.exporting.trt import engines, graphs
@@ -107,13 +97,13 @@ def build_systems(params: Params) -> tuple[list[System], str | None]:
         return encoder_flops(n, sc.layers, sc.hidden, sc.intermediate, sc.num_labels, merge)
 
     t_enc = TextEncoder(teacher_tok.backend_tokenizer, params.teacher.max_length)
-    s_enc = TextEncoder(Tokenizer.from_file(str(student_dir / STUDENT_TOKENIZER)),
+    s_enc = TextEncoder(Tokenizer.from_file(str(student_dir / artifacts.STUDENT_TOKENIZER)),
                         params.distill.max_length, sc.min_tokens())
-    if (export_dir / TEACHER_TOKENIZER).is_file():
-        exported = Tokenizer.from_file(str(export_dir / TEACHER_TOKENIZER))
+    if (export_dir / artifacts.TEACHER_TOKENIZER).is_file():
+        exported = Tokenizer.from_file(str(export_dir / artifacts.TEACHER_TOKENIZER))
         if exported.to_str() != teacher_tok.backend_tokenizer.to_str():
-            raise StageError(f"{export_dir / TEACHER_TOKENIZER} is not the tokenizer of the "
-                             f"teacher in {teacher_dir}: rerun dvc repro export")
+            raise StageError(f"{export_dir / artifacts.TEACHER_TOKENIZER} is not the tokenizer of "
+                             f"the teacher in {teacher_dir}: rerun dvc repro export")
     sides = {"teacher": (t_enc, n_teacher, teacher_flops),
              "student": (s_enc, n_student, student_flops)}
 
@@ -127,14 +117,14 @@ def build_systems(params: Params) -> tuple[list[System], str | None]:
     systems = [
         System("teacher", "pytorch", "teacher", torch_runner(teacher), t_enc,
                file_size(teacher_dir / "model.safetensors"), n_teacher, teacher_flops),
-        *onnx_systems("teacher", (("teacher_onnx", TEACHER_FP32),
-                                  ("teacher_onnx_int8", TEACHER_INT8),
-                                  ("teacher_onnx_static_int8", TEACHER_STATIC_INT8))),
+        *onnx_systems("teacher", (("teacher_onnx", artifacts.TEACHER_FP32),
+                                  ("teacher_onnx_int8", artifacts.TEACHER_INT8),
+                                  ("teacher_onnx_static_int8", artifacts.TEACHER_STATIC_INT8))),
         System("student", "pytorch", "student", torch_runner(student), s_enc,
                file_size(student_dir / student_io.WEIGHTS_FILE), n_student, student_flops),
-        *onnx_systems("student", (("student_onnx", STUDENT_FP32),
-                                  ("student_onnx_int8", STUDENT_INT8),
-                                  ("student_onnx_static_int8", STUDENT_STATIC_INT8))),
+        *onnx_systems("student", (("student_onnx", artifacts.STUDENT_FP32),
+                                  ("student_onnx_int8", artifacts.STUDENT_INT8),
+                                  ("student_onnx_static_int8", artifacts.STUDENT_STATIC_INT8))),
     ]
     runners, trt_skip = tensorrt_runners(params, export_dir)
     for name, runner, size in runners:
@@ -158,15 +148,15 @@ def deployed_predictor(params: Params, casc: dict | None, labels: list[str]
     a chosen threshold, the cascade), or None and why it cannot be timed."""
     cfg = params.evaluate.cascade
     export_dir = Path(params.paths.export)
-    missing = [name for name in (cfg.student, cfg.teacher) if name not in EXPORTED_GRAPHS
-               or not (export_dir / EXPORTED_GRAPHS[name][0]).is_file()]
+    missing = [name for name in (cfg.student, cfg.teacher) if name not in artifacts.EXPORTED_GRAPHS
+               or not (export_dir / artifacts.EXPORTED_GRAPHS[name][0]).is_file()]
     if cfg.student in missing:
         return None, (f"{cfg.student} is not an exported ONNX graph, which is what a bundle "
                       "ships")
     threads = params.evaluate.num_threads
 
     def graph(name: str) -> Graph:
-        return Graph.from_files(*(export_dir / f for f in EXPORTED_GRAPHS[name]), threads)
+        return Graph.from_files(*(export_dir / f for f in artifacts.EXPORTED_GRAPHS[name]), threads)
 
     student = graph(cfg.student)
     chosen = (casc or {}).get("chosen")

@@ -120,16 +120,8 @@ def triton(args: argparse.Namespace) -> int:
 FLOW_COMMANDS = {"run": "flows.pipeline", "sweep": "flows.sweep", "serve": "flows.deploy"}
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in FLOW_COMMANDS:
-        # The flow modules own their options; `serve` is `flows.deploy serve`.
-        import importlib
-
-        module = importlib.import_module(FLOW_COMMANDS[argv[0]])
-        module.main(argv if argv[0] == "serve" else argv[1:])
-        return 0
-
+def build_parser() -> argparse.ArgumentParser:
+    """`still`'s commands and their options."""
     parser = argparse.ArgumentParser(prog="still", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,7 +165,20 @@ def main(argv: list[str] | None = None) -> int:
                      help="student_onnx, student_onnx_int8 or student_onnx_static_int8 "
                           "(default: the bundle's)")
     tri.add_argument("--max-batch-size", type=int, default=None)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in FLOW_COMMANDS:
+        # The flow modules own their options; `serve` is `flows.deploy serve`.
+        import importlib
+
+        module = importlib.import_module(FLOW_COMMANDS[argv[0]])
+        module.main(argv if argv[0] == "serve" else argv[1:])
+        return 0
+
+    args = build_parser().parse_args(argv)
 
     if args.command in ("predict", "triton"):
         try:
@@ -192,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
         print(path.read_text(), end="")
         print(f"written: {path} (+ experiments.json, experiments.png)")
         return 0
+    return params_command(args)
+
+
+def params_command(args: argparse.Namespace) -> int:
+    """`still validate` and `still repro`: params.yaml and overrides checked, then the DVC
+    pipeline run (an experiment with --set)."""
     try:
         params = load_params(args.params, _overrides(args.sets))
     except ParamsError as err:

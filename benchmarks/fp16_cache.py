@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components import label
+from components import teacher_cache
 from components.config import apply_overrides, load_params, validate
 from components.data.artifacts import load_label_names, load_split, load_teacher_outputs
 from components.distill import train as distill
@@ -73,7 +73,7 @@ def main() -> None:
     fp32 = validate(apply_overrides(params.to_dict(), {"paths.teacher_outputs": str(fp32_cache)}))
     if not (fp32_cache / "outputs.json").is_file():
         print("fp16_cache: labelling again with float32 states ...", flush=True)
-        label.run(fp32, layers_dtype=np.float32)
+        teacher_cache.run(fp32, layers_dtype=np.float32)
     caches = {"float16": params, "float32": fp32}
     gap = max_state_difference(load_teacher_outputs(params.paths),
                                load_teacher_outputs(fp32.paths))

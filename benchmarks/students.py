@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components import export, label
+from components import export, teacher_cache
 from components.config import apply_overrides, load_params, parse_override, stage_params, validate
 from components.config.redaction import redact
 from components.data.artifacts import (
@@ -127,13 +127,13 @@ def labelled_cache(params, out: Path) -> str:
     """A teacher-outputs folder with labelled windows: the pipeline's when it has them (with
     these window params), else labelled here once."""
     p = validate(apply_overrides(params.to_dict(), {"distill.windows.enabled": True}))
-    if load_windows(p.paths) is not None and _made_with(p.paths.teacher_outputs, p, "label"):
+    if load_windows(p.paths) is not None and _made_with(p.paths.teacher_outputs, p, "teacher_cache"):
         return p.paths.teacher_outputs
     folder = out / "label"
     p = validate(apply_overrides(p.to_dict(), {"paths.teacher_outputs": str(folder)}))
-    if not ((folder / OUTPUTS_INDEX).is_file() and _made_with(folder, p, "label")):
+    if not ((folder / OUTPUTS_INDEX).is_file() and _made_with(folder, p, "teacher_cache")):
         print(f"=== labelling the training windows with the teacher into {folder}", flush=True)
-        label.run(p)
+        teacher_cache.run(p)
     return str(folder)
 
 

@@ -36,7 +36,7 @@ import pytest
 import torch
 import yaml
 
-from components import label, prepare, teacher, tokenizer
+from components import prepare, teacher, teacher_cache, tokenizer
 from components.config import Paths, apply_overrides, validate
 from components.data.artifacts import load_split, load_teacher_outputs
 from components.models.student import load
@@ -127,7 +127,7 @@ def test_ddp_on_two_cpu_processes_writes_one_student_like_a_single_process(
         "distill.alpha": 0.0})
     params = validate({**raw, "paths": {k: str(project / v)
                                         for k, v in Paths().model_dump().items()}})
-    for stage in (prepare, tokenizer, teacher, label):
+    for stage in (prepare, tokenizer, teacher, teacher_cache):
         stage.run(params)
     assert len(load_split(params.paths, "validation")) == 33
 
@@ -186,12 +186,13 @@ def test_teacher_caching_on_two_cpu_processes_equals_one_process(
     ddp_raw = apply_overrides(raw, {"trainer.strategy": "ddp", "trainer.devices": 2,
                                     "trainer.accelerator": "cpu"})
     single_out = moved_output(project, "teacher_outputs", "artifacts/outputs-single",
-                              stage_cli(project, raw, "label"))
+                              stage_cli(project, raw, "teacher_cache"))
     ddp_out = moved_output(project, "teacher_outputs", "artifacts/outputs-ddp",
-                           stage_cli(project, ddp_raw, "label"))
+                           stage_cli(project, ddp_raw, "teacher_cache"))
 
     assert "distributed_backend=gloo" in ddp_out and "GLOBAL_RANK: 1, MEMBER: 2/2" in ddp_out
-    assert ddp_out.count("label: done in") == 1 and single_out.count("label: done in") == 1
+    assert ddp_out.count("teacher_cache: done in") == 1
+    assert single_out.count("teacher_cache: done in") == 1
     single, ddp = project / "artifacts/outputs-single", project / "artifacts/outputs-ddp"
     names = sorted(p.name for p in single.iterdir())
     assert sorted(p.name for p in ddp.iterdir()) == names

@@ -127,7 +127,8 @@ def labelled_cache(params, out: Path) -> str:
     """A teacher-outputs folder with labelled windows: the pipeline's when it has them (with
     these window params), else labelled here once."""
     p = validate(apply_overrides(params.to_dict(), {"distill.windows.enabled": True}))
-    if load_windows(p.paths) is not None and _made_with(p.paths.teacher_outputs, p, "teacher_cache"):
+    if load_windows(p.paths) is not None and _made_with(p.paths.teacher_outputs, p,
+                                                        "teacher_cache"):
         return p.paths.teacher_outputs
     folder = out / "label"
     p = validate(apply_overrides(p.to_dict(), {"paths.teacher_outputs": str(folder)}))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -41,9 +42,11 @@ def test_synthetic_data_is_seeded_prefix_stable_and_shaped(tmp_path):
 
 
 def run_harness(out, *args: str) -> dict:
+    # This checkout's code, whatever the installed copy points at (the stages it starts too).
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"),
                            "--out", str(out), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "results.json").read_text())
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from components.reporting.markdown_tables import table
 from components.reporting.plots import place_labels, pyplot
 
 # ------------------------------------------------------------------ across DVC experiments
@@ -64,11 +65,11 @@ def compare(rows: list[dict], system: str = "student_onnx") -> tuple[list[dict],
     keys = sorted({k for r in rows for k in r["params"]})
     differing = [k for k in keys if len({json.dumps(r["params"].get(k)) for r in rows}) > 1
                  and not k.startswith("paths.")]
-    table = []
+    compared = []
     for r in rows:
         s = r["metrics"]["systems"].get(system) or {}
         t = r["metrics"]["systems"].get("teacher") or {}
-        table.append({
+        compared.append({
             "experiment": r["experiment"],
             "validation_accuracy": (s.get("validation") or {}).get("accuracy"),
             "accuracy": s.get("accuracy"),
@@ -77,7 +78,7 @@ def compare(rows: list[dict], system: str = "student_onnx") -> tuple[list[dict],
             "gflops_per_example": s.get("gflops_per_example"), "size_mb": s.get("size_mb"),
             **{k: r["params"].get(k) for k in differing},
         })
-    return table, differing
+    return compared, differing
 
 
 def write_experiments_report(repo: str | Path, out_dir: str | Path,
@@ -88,7 +89,7 @@ def write_experiments_report(repo: str | Path, out_dir: str | Path,
     if not rows:
         raise RuntimeError(f"no experiment in {repo} has {wanted} yet: run "
                            "`dvc repro` or `still sweep` first")
-    table, differing = compare(rows, system)
+    compared, differing = compare(rows, system)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     columns = [("experiment", "experiment", ""),
@@ -98,16 +99,16 @@ def write_experiments_report(repo: str | Path, out_dir: str | Path,
                ("teacher_accuracy", "teacher test acc", ".4f"),
                ("throughput_per_s", "ex/s", ".1f"), ("gflops_per_example", "GFLOPs/ex", ".3f"),
                ("size_mb", "MB", ".1f")] + [(k, k, "") for k in differing]
-    md = [f"# {len(table)} experiments ({system})", "",
+    md = [f"# {len(compared)} experiments ({system})", "",
           "Choose on the validation columns; the test columns are for reporting the choice "
-          "once.", ""] + table(table, columns)
+          "once.", ""] + table(compared, columns)
     (out / "experiments.md").write_text("\n".join(md) + "\n")
-    (out / "experiments.json").write_text(json.dumps(table, indent=2) + "\n")
+    (out / "experiments.json").write_text(json.dumps(compared, indent=2) + "\n")
 
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    pts = [r for r in table if r["validation_accuracy"] is not None and r["throughput_per_s"]]
+    pts = [r for r in compared if r["validation_accuracy"] is not None and r["throughput_per_s"]]
     for r in pts:
         ax.scatter(r["throughput_per_s"], r["validation_accuracy"], s=40)
     ax.set_xlabel(f"{system} throughput (examples/s)")

@@ -16,7 +16,7 @@ import pytest
 
 from components import prepare, source
 from components.config import validate
-from components.data import files as common
+from components.data import locations
 from components.stage import StageError
 from tests.conftest import make_examples, tiny_raw_params
 
@@ -146,8 +146,8 @@ def test_a_slow_steady_download_is_never_cut(tmp_path, trickle, capsys):
 
 def test_a_long_wait_says_what_it_waits_for(tmp_path, silent_server, capsys, monkeypatch):
     """After NOTICE_AFTER_S (5 s; 0.5 s here), and again every NOTICE_EVERY_S (10 s; 1 s)."""
-    monkeypatch.setattr(common, "NOTICE_AFTER_S", 0.5)
-    monkeypatch.setattr(common, "NOTICE_EVERY_S", 1.0)
+    monkeypatch.setattr(locations, "NOTICE_AFTER_S", 0.5)
+    monkeypatch.setattr(locations, "NOTICE_EVERY_S", 1.0)
     url = f"{silent_server}/data.csv?token=secret"
     timed_failure(lambda: prepare.run(params_for(tmp_path, url, timeout_s=3)))
     err = capsys.readouterr().err.splitlines()

@@ -142,6 +142,10 @@ TINY_OVERRIDES = {
     "distill.batch_size": 16,
     "distill.lr": 1.0e-2,
     "distill.patience": 5,
+    # The default student merges tokens (ToMe); tiny texts of a few tokens are checked without
+    # it, and test_merging.py covers merging through training, export and parity.
+    "distill.merge.method": "none",
+    "distill.merge.r": 0,
     "export.parity_batches": 2,
     "export.parity_batch_size": 4,
     "evaluate.latency_examples": 5,

@@ -233,8 +233,8 @@ class Teacher(_Optim):
 class Merge(_Section):
     """Token merging inside the student (ToMe bipartite soft matching / PiToMe energy)."""
 
-    method: Literal["none", "tome", "pitome"] = "none"
-    r: int = Field(0, ge=0)  # tokens removed by each merging layer (fixed: ONNX-friendly)
+    method: Literal["none", "tome", "pitome"] = "tome"
+    r: int = Field(8, ge=0)  # tokens removed by each merging layer (fixed: ONNX-friendly)
     layers: list[int] = Field(default_factory=list)  # 0-based layers that merge; [] = all
     protect_first: bool = True  # never merge the [CLS]/first token
     proportional_attention: bool = True  # add log(size) to attention logits

@@ -6,7 +6,10 @@
                                            the Prefect pipeline flow (a task per DVC stage)
     still sweep --grid key=v1,v2 [--grid ...] [--max-parallel 2]
                                            the Prefect sweep flow (DVC experiments)
-    still serve [--repo .]                 serve the nightly + sweep deployments locally
+    still search [--n-trials 12] [--max-parallel 1] [--apply]
+                                           the Prefect search flow: the student for this data,
+                                           chosen on validation (DVC experiments, Optuna)
+    still serve [--repo .]                 serve the nightly, sweep and search deployments
     still report [--repo .] [--out reports] [--system student_onnx]
                                            one table + plot across DVC experiments
     still predict --bundle DIR "text" ["text" ...] [--cascade]
@@ -117,7 +120,8 @@ def triton(args: argparse.Namespace) -> int:
     return 0
 
 
-FLOW_COMMANDS = {"run": "flows.pipeline", "sweep": "flows.sweep", "serve": "flows.deploy"}
+FLOW_COMMANDS = {"run": "flows.pipeline", "sweep": "flows.sweep", "search": "flows.search",
+                 "serve": "flows.deploy"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         module = importlib.import_module(FLOW_COMMANDS[argv[0]])
-        module.main(argv if argv[0] == "serve" else argv[1:])
-        return 0
+        return module.main(argv if argv[0] == "serve" else argv[1:]) or 0
 
     args = build_parser().parse_args(argv)
 

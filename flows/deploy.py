@@ -1,6 +1,6 @@
-"""Deployments: a nightly scheduled pipeline run and an on-demand sweep.
+"""Deployments: a nightly scheduled pipeline run, an on-demand sweep and an on-demand search.
 
-    python -m flows.deploy serve [--cron "0 2 * * *"]   # local: a process serves both (no pool)
+    python -m flows.deploy serve [--cron "0 2 * * *"]   # local: a process serves all (no pool)
     python -m flows.deploy deploy --pool still-process --repo /path/to/checkout
                                                        # a process pool (compose's workers)
     python -m flows.deploy deploy --pool still-k8s --image REGISTRY/still:cuda-SHA \\
@@ -37,12 +37,14 @@ DEFAULT_GRID: dict[str, list[Any]] = {
 ENTRYPOINTS = {
     "nightly": "flows/pipeline.py:pipeline",
     "sweep": "flows/sweep.py:sweep",
+    "search": "flows/search.py:search",
 }
 # Workers import flows by module path: it resolves wherever the project is installed (a process
 # worker's venv, /app in the images), whatever the worker's working directory.
 MODULE_ENTRYPOINTS = {
     "nightly": "flows.pipeline.pipeline",
     "sweep": "flows.sweep.sweep",
+    "search": "flows.search.search",
 }
 # The base job template variable (infra/k8s/base-job-template.json) and, for pools without it
 # (Prefect's Docker pool), the environment variable the image's entrypoint reads.
@@ -56,12 +58,13 @@ class DeployError(ValueError):
 
 def deployments(repo: str = ".", cron: str = NIGHTLY_CRON, *, module_entrypoints: bool = False,
                 git_push: bool = False, job_variables: dict[str, Any] | None = None) -> list:
-    """The nightly and sweep RunnerDeployments, for `serve` (file entrypoints) or a work pool
-    (`module_entrypoints=True`, optional job variables)."""
+    """The nightly, sweep and search RunnerDeployments, for `serve` (file entrypoints) or a
+    work pool (`module_entrypoints=True`, optional job variables)."""
     from prefect.schedules import Cron
     from prefect.types.entrypoint import EntrypointType
 
     from flows.pipeline import pipeline
+    from flows.search import search
     from flows.sweep import sweep
 
     entrypoint_type = EntrypointType.MODULE_PATH if module_entrypoints else \
@@ -90,7 +93,16 @@ def deployments(repo: str = ".", cron: str = NIGHTLY_CRON, *, module_entrypoints
         description="On-demand grid of DVC experiments, each in its own workspace.",
         **pool_options(),
     )
-    return [nightly, on_demand]
+    searcher = search.to_deployment(
+        name="search",
+        parameters={"repo": repo},
+        tags=["still", "search"],
+        description="On demand: the student for this data, chosen on validation (an Optuna "
+                    "study over DVC experiments). Runs on several workers share one study when "
+                    "search.storage is a database URL.",
+        **pool_options(),
+    )
+    return [nightly, on_demand, searcher]
 
 
 def serve(repo: str = ".", cron: str = NIGHTLY_CRON) -> None:
@@ -108,7 +120,7 @@ def pool_takes_image(base_job_template: dict[str, Any]) -> bool:
 def deploy(pool: str, image: str | None = None, repo: str | None = None, *,
            dvc_remote_endpoint: str | None = None, git_push: bool | None = None,
            cron: str = NIGHTLY_CRON) -> list[UUID]:
-    """Register the nightly and sweep deployments on the work pool `pool`.
+    """Register the nightly, sweep and search deployments on the work pool `pool`.
 
     Args:
         pool: an existing work pool (`prefect work-pool create ...`, or the compose worker's).
@@ -124,7 +136,7 @@ def deploy(pool: str, image: str | None = None, repo: str | None = None, *,
         cron: schedule of the nightly deployment.
 
     Returns:
-        The deployment ids (nightly, sweep).
+        The deployment ids (nightly, sweep, search).
 
     Raises:
         DeployError: the pool is missing, or the arguments do not fit its kind.
@@ -197,10 +209,10 @@ def cli() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="serve both deployments from this process")
+    s = sub.add_parser("serve", help="serve the deployments from this process")
     s.add_argument("--repo", default=".")
     s.add_argument("--cron", default=NIGHTLY_CRON, help="schedule of the pipeline deployment")
-    d = sub.add_parser("deploy", help="register both deployments on a work pool")
+    d = sub.add_parser("deploy", help="register the deployments on a work pool")
     d.add_argument("--pool", required=True)
     d.add_argument("--image", default=None, help="Docker/Kubernetes pools only")
     d.add_argument("--repo", default=None,

@@ -191,12 +191,13 @@ def test_process_worker_runs_the_nightly_deployment(process_worker, remotes, pre
     from prefect.deployments import run_deployment
 
     repo, origin = remotes
-    nightly_id, sweep_id = deploy(process_worker.pool, repo=str(repo), git_push=True,
-                                  cron=QUIET_CRON)
+    nightly_id, sweep_id, search_id = deploy(process_worker.pool, repo=str(repo),
+                                             git_push=True, cron=QUIET_CRON)
     nightly = read_deployment(nightly_id)
     # No image and no pull steps: the worker imports the installed `flows` package.
     assert nightly.entrypoint == MODULE_ENTRYPOINTS["nightly"]
     assert read_deployment(sweep_id).entrypoint == MODULE_ENTRYPOINTS["sweep"]
+    assert read_deployment(search_id).entrypoint == MODULE_ENTRYPOINTS["search"]
     assert not nightly.pull_steps and "image" not in (nightly.job_variables or {})
     assert nightly.parameters == {"repo": str(repo), "pull": True, "push": True,
                                   "git_push": True}
@@ -280,9 +281,10 @@ def test_module_entrypoints_load():
     from prefect.flows import load_flow_from_entrypoint
 
     from flows.pipeline import pipeline
+    from flows.search import search
     from flows.sweep import sweep
 
-    for key, flow in [("nightly", pipeline), ("sweep", sweep)]:
+    for key, flow in [("nightly", pipeline), ("sweep", sweep), ("search", search)]:
         assert load_flow_from_entrypoint(MODULE_ENTRYPOINTS[key]).name == flow.name
 
 

@@ -112,6 +112,109 @@ def test_sweep_two_configs_gives_two_experiments(prefect_server, repo):
     assert (out / "experiments.png").read_bytes()[:4] == b"\x89PNG"
 
 
+TINY_SPACE = {"layers": [1, 2], "hidden": [8, 16, 32], "heads": [2], "max_length": [32],
+              "windows": [True], "init": ["scratch"], "teacher_layers": [], "merge": ["none"],
+              "merge_r": [8], "vocab_size": []}
+
+
+def _exp_lock(repo: Path, name: str) -> dict:
+    refs = sh(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo).split()
+    ref = next(r for r in refs if r.endswith(f"/{name}"))
+    return yaml.safe_load(sh(["git", "show", f"{ref}:dvc.lock"], repo))
+
+
+def _outs(lock: dict, stage: str) -> list:
+    return [(o["path"], o["md5"]) for o in lock["stages"][stage]["outs"]]
+
+
+def test_search_resumes_after_a_kill_chooses_on_validation_and_applies(prefect_server, repo):
+    """A real search: Optuna study in a journal file, each trial a DVC experiment, killed in
+    the middle of a trial and rerun: finished trials are kept, not run again; the winner is
+    the fastest (timed side by side) of the Pareto front within max_drop on validation; --apply
+    leaves params.yaml + dvc.lock that reproduce the winner's experiment."""
+    import os
+    import signal
+    import time
+
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.trial import TrialState
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.search import search
+
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw["search"].update(n_trials=3, max_drop=100.0, finalists=3, study="s", space=TINY_SPACE)
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (repo / ".gitignore").write_text("__pycache__/\n/artifacts/wandb/\n/artifacts/search/\n")
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "search space"], repo)
+    journal = repo / raw["search"]["storage"]
+
+    def trials():
+        if not journal.exists():
+            return []
+        storage = JournalStorage(JournalFileBackend(str(journal)))
+        return optuna.load_study(study_name="s", storage=storage).get_trials(deepcopy=False)
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "WANDB_MODE": "offline",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.search", "--repo", str(repo)],
+                            cwd=repo, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        states = [t.state for t in trials()]
+        if TrialState.COMPLETE in states and states[-1] == TrialState.RUNNING:
+            time.sleep(2)  # inside the second trial's dvc exp run
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, "the search ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {t.number: t.datetime_start for t in trials() if t.state == TrialState.COMPLETE}
+    assert len(before) == 1
+
+    result = search(repo=str(repo), apply=True)
+    after = trials()
+    done = {t.number: t for t in after if t.state == TrialState.COMPLETE}
+    assert len(done) == 3
+    for number, started in before.items():  # kept, not run again
+        assert done[number].datetime_start == started
+    assert [t.state for t in after].count(TrialState.FAIL) == 1  # the killed one
+    names = {r["experiment"] for r in result["rows"]}
+    shown = sh([sys.executable, "-m", "dvc", "exp", "list", "--name-only"], repo).split()
+    assert names <= set(shown), shown
+
+    # The choice: the front within max_drop on validation, then the fastest end to end.
+    rows = result["rows"]
+    front = [r for r in rows if not any(
+        o["val_accuracy"] >= r["val_accuracy"] and o["gflops"] <= r["gflops"] and o is not r
+        and (o["val_accuracy"] > r["val_accuracy"] or o["gflops"] < r["gflops"]) for o in rows)]
+    timed = result["timed"]["timed"]
+    assert {r["experiment"] for r in front} == set(timed) - {result["timed"]["teacher"]}
+    fastest = max((r["experiment"] for r in front), key=lambda n: timed[n]["throughput_per_s"])
+    assert result["winner"] == fastest
+    assert "accuracy" in result["timed"]["winner_test"]  # test: the winner only
+    table = (repo / "results" / "search" / "trials.md").read_text()
+    assert f"| **{fastest}** |" in table
+    assert sum(line.startswith("| ") and "s-t" in line for line in table.splitlines()) == 3
+    assert (repo / "results" / "search" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"**{fastest}**" in artifact("still-search").data
+
+    # --apply: params.yaml holds the winner; dvc repro reproduced its experiment's distill.
+    winner = next(r for r in rows if r["experiment"] == fastest)
+    applied = yaml.safe_load((repo / "params.yaml").read_text())
+    assert applied["distill"]["hidden"] == winner["params"]["distill.hidden"]
+    assert applied["distill"]["layers"] == winner["params"]["distill.layers"]
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert _outs(lock, "distill") == _outs(_exp_lock(repo, fastest), "distill")
+    assert "changed" not in sh([sys.executable, "-m", "dvc", "status", "distill"], repo)
+    sh(["git", "checkout", "-q", "--", "."], repo)  # leave the module's repo as it was
+    sh([sys.executable, "-m", "dvc", "checkout", "-q", "--force"], repo)
+
+
 def test_failing_stage_fails_the_flow_with_its_message(prefect_server, repo, tmp_path):
     clone = tmp_path / "clone"
     sh(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
@@ -138,10 +241,10 @@ def test_bad_override_fails_before_any_stage(prefect_server, repo):
 def test_deployments_have_schedules_and_loadable_entrypoints(prefect_server):
     from prefect.flows import load_flow_from_entrypoint
 
-    nightly, on_demand = deployments(".")
+    nightly, on_demand, searcher = deployments(".")
     assert nightly.schedules[0].schedule.cron == NIGHTLY_CRON
-    assert on_demand.schedules == []
-    for deployment, key in [(nightly, "nightly"), (on_demand, "sweep")]:
+    assert on_demand.schedules == [] and searcher.schedules == []
+    for deployment, key in [(nightly, "nightly"), (on_demand, "sweep"), (searcher, "search")]:
         assert deployment.entrypoint == ENTRYPOINTS[key]
         path, func = ENTRYPOINTS[key].split(":")
         flow = load_flow_from_entrypoint(f"{ROOT / path}:{func}")
@@ -156,7 +259,7 @@ def test_grid_expansion():
 
 
 def test_flows_never_import_torch():
-    code = ("import sys, flows.pipeline, flows.sweep, flows.deploy, flows.tasks; "
+    code = ("import sys, flows.pipeline, flows.sweep, flows.search, flows.deploy, flows.tasks; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(ROOT))
 

@@ -7,6 +7,10 @@ message names each offending key, so a user fixes params.yaml in one pass.
 
 from __future__ import annotations
 
+import json
+import os
+import re
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -468,6 +472,64 @@ class Ship(_Section):
     cascade: bool = True
 
 
+class SearchSpace(_Section):
+    """The student levers a search trial may set: each a list of values to choose from (one
+    value: fixed for every trial; []: not searched, params.yaml's value stays). `hidden` also
+    sets `distill.intermediate` (4x); `merge_r` applies with merging, `teacher_layers` with
+    `init: teacher` (whose width is the teacher's: `hidden` and `heads` do not apply)."""
+
+    layers: list[int] = [1, 2]
+    hidden: list[int] = [64, 128, 256]
+    heads: list[int] = [2]
+    max_length: list[int] = [32, 64, 128]
+    windows: list[bool] = [True]
+    init: list[Literal["scratch", "teacher"]] = ["scratch"]
+    teacher_layers: list[list[int]] = []
+    merge: list[Literal["none", "tome", "pitome"]] = ["none", "tome"]
+    merge_r: list[int] = [8]
+    vocab_size: list[int] = []
+
+    @field_validator("*")
+    @classmethod
+    def _distinct_and_positive(cls, values: list, info: ValidationInfo) -> list:
+        if len({json.dumps(v) for v in values}) != len(values):
+            raise ValueError(f"{info.field_name}: a value is listed twice ({values})")
+        for v in values:
+            numbers = v if isinstance(v, list) else [v]
+            if any(isinstance(n, int) and not isinstance(n, bool) and n < 0 for n in numbers):
+                raise ValueError(f"{info.field_name}: values must be >= 0 (got {values})")
+        return values
+
+
+class Search(_Section):
+    """`still search` (flows/search.py): an Optuna study over `space`, chosen on validation."""
+
+    n_trials: int = Field(12, ge=1)
+    max_parallel: int = Field(1, ge=1)  # trials at once, each a DVC experiment in a clone
+    max_drop: float = Field(1.5, ge=0, le=100)  # validation points below the teacher allowed
+    sampler: Literal["nsga2", "tpe"] = "nsga2"
+    population: int = Field(6, ge=2)  # NSGA-II trials per generation
+    seed: int = Field(42, ge=0, lt=2**32)
+    finalists: int = Field(4, ge=1)  # candidates timed side by side (the cheapest in GFLOPs)
+    # Optuna storage: a journal file (relative to the repo) or a SQLAlchemy URL.
+    storage: str = "artifacts/search/study.journal"
+    study: str = "still-search"
+    space: SearchSpace = SearchSpace()
+
+    _storage_not_blank = field_validator("storage", "study")(_not_blank)
+
+    @field_validator("study")
+    @classmethod
+    def _study_is_a_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+            raise ValueError(f"study: {value!r} must be letters, digits, '_', '.' or '-' (it "
+                             "names DVC experiments and a folder)")
+        return value
+
+    def space_dict(self) -> dict[str, list]:
+        return self.space.model_dump()
+
+
 class Params(_Section):
     seed: int = Field(42, ge=0, lt=2**32)  # numpy's seeds are unsigned 32-bit
     paths: Paths = Paths()  # fixed in dvc.yaml; only code that builds params sets it
@@ -480,6 +542,25 @@ class Params(_Section):
     export: Export = Export()
     evaluate: Evaluate = Evaluate()
     ship: Ship = Ship()
+    search: Search = Search()
+
+    @model_validator(mode="after")
+    def _search_storage_outside_outputs(self) -> Params:
+        from components.config.paths import WRITTEN_BY  # paths imports this module
+
+        url = self.search.storage
+        if "://" in url or Path(url).is_absolute():
+            return self
+        where = Path(os.path.normpath(url))
+        # the fixed layout (the project's) and the locations these params write to
+        outputs = [*Paths().model_dump().items(), *self.paths.model_dump().items()]
+        for key, out in outputs:
+            if key in WRITTEN_BY and where.is_relative_to(Path(os.path.normpath(out))):
+                raise ValueError(f"search.storage: {url} is inside {out}, which the "
+                                 f"{WRITTEN_BY[key]} stage replaces whole: the study would be "
+                                 "lost; keep it outside (default "
+                                 "artifacts/search/study.journal)")
+        return self
 
     @model_validator(mode="after")
     def _shipped_model_is_exported(self) -> Params:

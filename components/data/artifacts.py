@@ -78,6 +78,7 @@ EXPORTED_GRAPHS = {
 }
 # Evaluation (machine-independent part; the timed results go to `paths.results`)
 QUALITY_FILE = "quality.json"
+SEARCH_RESULTS = "search"  # in `paths.results`: `still search`'s trials (kept by evaluate)
 RESULTS_FILE = "metrics.json"  # in `paths.results`: timings, ratios, best teacher, cascade cost
 
 

@@ -30,6 +30,7 @@ from components.data.artifacts import (
     iter_parquet,
     iter_split_texts,
     load_label_names,
+    load_split,
     load_split_labels,
     load_teacher_outputs,
     load_tokenizer,
@@ -37,13 +38,18 @@ from components.data.artifacts import (
     windows_path,
 )
 from components.data.files import atomic_dir, reading, write_json
+from components.evaluation.flops import encoder_flops
+from components.evaluation.stats import Bootstrap
 from components.models.losses import DistillationLoss, FeatureDistillationLoss
+from components.models.runtimes import TextEncoder, torch_runner
 from components.models.student import Student, StudentConfig, from_teacher, save, spread_layers
 from components.stage import StageError, stage_main
 from components.text.batches import Stacked, TokenIds, encode_batches
 from components.text.encoding import pad_id
 from components.text.tensors import EncodedDataset, TextDataModule
 from components.training.fit import ClassifierModule, configure_torch, fit
+
+VALIDATION_RESAMPLES = 1000  # bootstrap resamples for the validation interval (seeded)
 
 
 def build_student(params: Params, vocab_size: int, num_labels: int, pad: int) -> Student:
@@ -140,6 +146,36 @@ def check_layer_map(params: Params, teacher_layers: int | None) -> None:
         raise StageError(problem)
 
 
+def score_validation(params: Params, model, tok: Tokenizer, num_labels: int,
+                     teacher: dict[str, np.ndarray]) -> dict:
+    """The trained student on the validation split, as a search trial is judged (never test):
+    accuracy with its seeded bootstrap interval, the teacher's accuracy from its cached logits,
+    the drop in points with its paired interval, and the cost parallel trials cannot distort:
+    GFLOPs per example at the real token counts (merging included) and parameters."""
+    frame = load_split(params.paths, "validation")
+    texts, labels = frame["text"].tolist(), frame["label"].to_numpy()
+    encoder = TextEncoder(tok, params.distill.max_length, model.cfg.min_tokens())
+    run, bs = torch_runner(model), params.distill.batch_size
+    preds = np.concatenate([run(*encoder(texts[i : i + bs]))
+                            for i in range(0, len(texts), bs)]).argmax(-1)
+    reference = np.asarray(teacher["validation_logits"]).argmax(-1)
+    boot = Bootstrap(labels, num_labels, VALIDATION_RESAMPLES, params.seed)
+    drop = boot.difference(reference, preds)
+    cfg = model.cfg
+    merge = {layer: cfg.merge_r for layer in cfg.merging_layers()}
+    tokens = [len(x) for x in encoder.ids(texts)]
+    flops = [encoder_flops(n, cfg.layers, cfg.hidden, cfg.intermediate, cfg.num_labels, merge)
+             for n in tokens]
+    return {"validation": {"accuracy": float((preds == labels).mean()),
+                           "accuracy_ci": boot.scores(preds)["accuracy_ci"],
+                           "teacher_accuracy": float((reference == labels).mean()),
+                           "drop_pt": 100 * drop["accuracy_diff"],
+                           "drop_ci_pt": [100 * x for x in drop["accuracy_diff_ci"]],
+                           "examples": len(labels)},
+            "gflops_per_example": float(np.mean(flops)) / 1e9,
+            "tokens_per_example": float(np.mean(tokens))}
+
+
 def run(params: Params) -> dict:
     cfg = params.distill
     check_layer_map(params, teacher_layer_count(params.paths.teacher))
@@ -170,6 +206,7 @@ def run(params: Params) -> dict:
     val = fit(module, dm, params, "distill", cfg.epochs, checkpoints, patience=cfg.patience)
 
     metrics = {
+        **score_validation(params, model, tok, len(labels), teacher),
         "val_accuracy": val["val/acc"],
         "val_loss": val["val/loss"],
         "val_teacher_agreement": val["val/teacher_agreement"],

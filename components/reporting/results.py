@@ -3,12 +3,13 @@ dvc.lock): metrics.json, the plots' JSON and PNGs, report.md and report.html, en
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from components.config import Params
-from components.data.artifacts import RESULTS_FILE
+from components.data.artifacts import RESULTS_FILE, SEARCH_RESULTS
 from components.data.files import atomic_dir, write_json
 from components.reporting.pages import REPORT_HTML, html_report
 from components.reporting.plots import (
@@ -37,6 +38,9 @@ def write_results(params: Params, metrics: dict, points: list[dict], extra: list
     headline = metrics["headline_student"]
     results = metrics["systems"]
     with atomic_dir(params.paths.results, params, "evaluate") as out:
+        searched = Path(params.paths.results) / SEARCH_RESULTS
+        if searched.is_dir():  # `still search` writes there; evaluate's rewrite keeps it
+            shutil.copytree(searched, out / SEARCH_RESULTS)
         (out / "plots").mkdir()
         write_json(out / PLOT_FILE, points)
         plot_systems(points, out / PNG_FILE)

@@ -25,6 +25,15 @@ def wandb_mode(params: Params) -> str:
     return os.environ.get("WANDB_MODE") or params.tracking.mode
 
 
+def experiment() -> dict[str, str]:
+    """The DVC experiment and git commit a run belongs to, when a flow says so (the search
+    trials): W&B's run table and parallel-coordinates view then compare trials by name, and
+    each leads back to `dvc exp show`."""
+    return {key: os.environ[env] for key, env in (("dvc_experiment", "STILL_EXPERIMENT"),
+                                                  ("git_commit", "STILL_GIT_COMMIT"))
+            if os.environ.get(env)}
+
+
 def init_kwargs(params: Params, stage: str) -> dict[str, Any]:
     """Arguments shared by `wandb.init` and Lightning's `WandbLogger`."""
     wandb_dir = Path(params.paths.wandb)
@@ -36,7 +45,7 @@ def init_kwargs(params: Params, stage: str) -> dict[str, Any]:
         "dir": str(wandb_dir),
         "job_type": stage,
         "group": os.environ.get("STILL_RUN_GROUP"),
-        "config": redact(params.to_dict()),
+        "config": {**redact(params.to_dict()), **experiment()},
         "reinit": "finish_previous",
     }
 
@@ -46,14 +55,6 @@ def start_run(params: Params, stage: str):
     import wandb
 
     return wandb.init(name=stage, **init_kwargs(params, stage))
-
-
-def lightning_logger(params: Params, stage: str):
-    from pytorch_lightning.loggers import WandbLogger
-
-    kwargs = init_kwargs(params, stage)
-    kwargs["save_dir"] = kwargs.pop("dir")  # WandbLogger's name for wandb.init's `dir`
-    return WandbLogger(name=stage, **kwargs)
 
 
 @contextlib.contextmanager

@@ -56,6 +56,15 @@ PARAMS_HASH_FILE = "params.sha256"
 LossFn = Callable[[object, dict[str, torch.Tensor]], tuple[torch.Tensor, dict]]
 
 
+def lightning_logger(params: Params, stage: str):
+    """Lightning's W&B logger with the run settings every stage shares (`tracking`)."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    kwargs = tracking.init_kwargs(params, stage)
+    kwargs["save_dir"] = kwargs.pop("dir")  # WandbLogger's name for wandb.init's `dir`
+    return WandbLogger(name=stage, **kwargs)
+
+
 def cross_entropy(logits: torch.Tensor, batch: dict[str, torch.Tensor]):
     loss = nn.functional.cross_entropy(logits, batch["labels"])
     return loss, {"ce": loss}
@@ -266,7 +275,7 @@ def fit(module: ClassifierModule, data: pl.LightningDataModule, params: Params, 
     trainer = lightning_trainer(
         params,
         max_epochs=epochs,
-        logger=tracking.lightning_logger(params, stage),
+        logger=lightning_logger(params, stage),
         callbacks=callbacks,
         log_every_n_steps=10,
         enable_model_summary=False,

@@ -300,7 +300,7 @@ def test_kubernetes_job_built_by_the_worker_code(k8s_pool):
     from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
     image, endpoint = "registry.example.com/team/still:cuda-1a2b3c4", "http://minio.still.svc:9000"
-    nightly_id, _ = deploy(k8s_pool, image=image, dvc_remote_endpoint=endpoint, cron=QUIET_CRON)
+    nightly_id, _, _ = deploy(k8s_pool, image=image, dvc_remote_endpoint=endpoint, cron=QUIET_CRON)
     nightly = read_deployment(nightly_id)
     assert nightly.job_variables == {"image": image, ENDPOINT_VARIABLE: endpoint}
     assert nightly.parameters == {"repo": "/app", "pull": True, "push": True, "git_push": True}

@@ -97,6 +97,8 @@ def test_in_code_output_paths_may_not_overlap_or_hold_the_project(tmp_path, monk
     ]:
         raw = tiny_raw_params(tmp_path / "out", Path("d.csv"), Path("t"))
         raw["paths"][key] = value
+        # the study outside the working folder, so only the output location is at fault
+        raw["search"] = {**raw["search"], "storage": str(tmp_path / "study.journal")}
         msg = problems(raw)
         assert msg.startswith("params has 1 problem(s):"), msg
         assert f"  - paths.{key}: {why}" in msg and f"(got {value!r})" in msg, msg

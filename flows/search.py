@@ -263,6 +263,10 @@ def _markdown(rows: list[dict], timed: dict | None, winner: str | None) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def _short(levers: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in levers.items())
+
+
 def _plot(rows: list[dict], timed: dict | None, winner: str | None, path: Path) -> None:
     """Validation accuracy against measured end-to-end speed: the timed candidates and the
     teacher they were timed with (Optuna's own plot shows every trial against GFLOPs)."""
@@ -270,20 +274,29 @@ def _plot(rows: list[dict], timed: dict | None, winner: str | None, path: Path) 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.8))
     by_name = {r["experiment"]: r for r in rows}
+    notes = []
     for name, speed in (timed or {}).get("timed", {}).items():
         row = by_name.get(name)
         acc = row["val_accuracy"] if row else rows[0]["teacher_val_accuracy"]
         color = "tab:red" if row is None else "tab:green" if name == winner else "tab:blue"
-        ax.scatter(speed["throughput_per_s"], acc, c=color, s=50, zorder=3)
-        label = name if row is None else f"{name} {row['levers']}"
-        ax.annotate(label, (speed["throughput_per_s"], acc), fontsize=7, xytext=(4, 3),
+        ax.scatter(speed["throughput_per_s"], acc, c=color, s=60, zorder=3)
+        tag = name if row is None else f"t{row['trial']}"
+        ax.annotate(tag, (speed["throughput_per_s"], acc), fontsize=8, xytext=(5, 4),
                     textcoords="offset points")
-    ax.set(xscale="log", xlabel="measured end-to-end examples/s (log)",
-           ylabel="validation accuracy",
-           title="candidates timed side by side (green: chosen, red: the teacher)")
+        if row is not None:
+            notes.append(f"t{row['trial']}: {_short(row['levers'])}")
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.25, y=0.15)
+    ax.set(xlabel="measured end-to-end examples/s (log)", ylabel="validation accuracy",
+           title="Candidates timed side by side (green: chosen, red: teacher)")
+    if notes:
+        ax.text(0.01, 0.01, "\n".join(notes), transform=ax.transAxes, fontsize=7,
+                va="bottom", ha="left", color="dimgray")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

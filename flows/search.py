@@ -142,7 +142,7 @@ def _keep_wandb_runs(ws: Path, repo: Path) -> None:
 def _validator(repo: Path):
     from components.config import ParamsError, load_params
 
-    def problem(raw: dict, overrides: dict) -> str | None:
+    def problem(overrides: dict) -> str | None:
         try:
             load_params(repo / "params.yaml", overrides)
         except ParamsError as err:
@@ -195,7 +195,7 @@ def run_trials(study, repo: Path, cfg, group: str, keep: Path, problem) -> None:
                 overrides = space.overrides_for(chosen)
                 key = json.dumps(overrides, sort_keys=True)
                 why = (f"the same point as trial {tried[key]}" if key in tried
-                       else problem({}, overrides))
+                       else problem(overrides))
                 if why:
                     trial.set_user_attr("pruned_because", why)
                     study.tell(trial, state=TrialState.PRUNED)
@@ -408,7 +408,7 @@ def search(repo: str = ".", n_trials: int | None = None, max_parallel: int | Non
         "n_trials": n_trials, "max_parallel": max_parallel, "storage": storage,
         "study": study}.items() if v is not None})
     problem = _validator(root)
-    problems = space.space_problems({}, cfg.space_dict(), problem)
+    problems = space.space_problems(cfg.space_dict(), problem)
     if problems:
         raise SearchError("; ".join(problems))
     group = cfg.study

@@ -97,16 +97,15 @@ def points(space: dict[str, list[Any]], limit: int = 512) -> Iterator[dict[str, 
             yield chosen
 
 
-def space_problems(raw: dict[str, Any], space: dict[str, list[Any]],
-                   validate) -> list[str]:
+def space_problems(space: dict[str, list[Any]], validate) -> list[str]:
     """Why the space cannot be searched: empty, or no point of it is valid params
-    (`validate(raw, overrides)` returns the problem of one point, or None)."""
+    (`validate(overrides)` returns the problem of one point, or None)."""
     if not any(len(v) > 1 for v in space.values()):
         return ["search.space: no lever has two or more values to choose from: nothing to "
                 "search (list at least two values for one lever)"]
     first = None
     for chosen in points(space):
-        problem = validate(raw, overrides_for(chosen))
+        problem = validate(overrides_for(chosen))
         if problem is None:
             return []
         first = first or (chosen, problem)

@@ -14,8 +14,6 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
-
 from components.data.files import write_json
 from components.search import STUDENT_DIR
 from components.stage import StageError, stage_main
@@ -84,8 +82,9 @@ def time_candidates(params, trials_dir: Path, names: Iterable[str]) -> dict:
     """Export the named trials' students, time them with the best teacher runtime in one
     round-robin run (on the validation texts: timings do not depend on the split), pick the
     fastest end to end, and score that one on test."""
-    from components.data.artifacts import load_split
+    from components.data.artifacts import load_label_names, load_split
     from components.evaluation.stats import Bootstrap
+    from components.evaluation.systems import predict_split
     from components.evaluation.timing import measure_time
     from components.models.runtimes import pin_torch_threads
     from components.text.encoding import pin_tokenizer_threads
@@ -109,12 +108,10 @@ def time_candidates(params, trials_dir: Path, names: Iterable[str]) -> dict:
         winner = max(names, key=lambda n: timings[n]["throughput_per_s"])
         test = load_split(params.paths, "test")
         labels = test["label"].to_numpy()
-        system = next(s for s in systems if s.name == winner)
         bs = params.evaluate.throughput_batch_size
-        texts_t = test["text"].tolist()
-        preds = np.concatenate([system.logits(texts_t[i : i + bs])
-                                for i in range(0, len(texts_t), bs)]).argmax(-1)
-        boot = Bootstrap(labels, int(max(labels.max(), preds.max())) + 1,
+        chosen = [s for s in systems if s.name == winner]
+        preds = predict_split(chosen, test["text"].tolist(), bs)[winner].argmax(-1)
+        boot = Bootstrap(labels, len(load_label_names(params.paths)),
                          params.evaluate.bootstrap, params.seed)
     keep = ("throughput_per_s", "throughput_iqr", "model_throughput_per_s",
             "tokenize_ms_per_example", "ms_per_example", "latency_p50_ms")

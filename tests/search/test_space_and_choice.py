@@ -13,7 +13,7 @@ from tests.conftest import ROOT, tiny_raw_params
 
 
 def _problem(base: dict):
-    def check(raw: dict, overrides: dict) -> str | None:
+    def check(overrides: dict) -> str | None:
         from components.config import apply_overrides
 
         try:
@@ -40,7 +40,7 @@ def test_points_become_valid_overrides_and_levers_apply_only_where_they_mean_som
         trial = study.ask()
         chosen = space.suggest(trial, levers)
         overrides = space.overrides_for(chosen)
-        assert _problem(raw)({}, overrides) is None, overrides
+        assert _problem(raw)(overrides) is None, overrides
         assert overrides["distill.intermediate"] == 4 * overrides["distill.hidden"]
         if chosen["merge"] == "none":  # merge_r is not asked without merging
             assert "merge_r" not in trial.params and overrides["distill.merge.r"] == 0
@@ -64,13 +64,13 @@ def test_teacher_init_ignores_width_and_takes_layer_lists(raw):
 
 def test_an_empty_or_contradictory_space_is_refused_before_any_trial(raw):
     fixed = {"layers": [1], "hidden": [32]}
-    assert "nothing to search" in space.space_problems({}, fixed, _problem(raw))[0]
+    assert "nothing to search" in space.space_problems(fixed, _problem(raw))[0]
     bad = {"hidden": [30, 50], "heads": [4]}  # never divisible
-    problems = space.space_problems({}, bad, _problem(raw))
+    problems = space.space_problems(bad, _problem(raw))
     assert len(problems) == 1 and "contradictory" in problems[0]
     assert "divisible" in problems[0]
     ok = {"hidden": [30, 32], "heads": [4]}
-    assert space.space_problems({}, ok, _problem(raw)) == []
+    assert space.space_problems(ok, _problem(raw)) == []
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -122,4 +122,4 @@ def test_the_default_space_is_searchable():
 
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = load_params(ROOT / "params.yaml")
-    assert space.space_problems({}, params.search.space_dict(), _problem(base)) == []
+    assert space.space_problems(params.search.space_dict(), _problem(base)) == []
